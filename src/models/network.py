@@ -1,0 +1,126 @@
+"""Classification networks = backbone (``features``) -> ``representation`` -> ``classifier``.
+
+``create_model(arch, head, num_classes, **head_kwargs)`` builds them from two small registries,
+so a new backbone or representation is one registry entry, not a new branch.
+
+Parameter names follow torchvision / fast-MPN-COV exactly (conv1.weight, layer4.2.bn3.gamma,
+layer1.0.downsample.0.weight, layer_reduce.weight, fc.weight, ...): the top network Cell does not
+prefix its children's names (``auto_prefix=False``), so ``features``, ``representation`` and
+``classifier`` are structure only and PyTorch checkpoints map one to one.
+"""
+import math
+
+from mindspore import nn
+from mindspore.common.initializer import Uniform
+
+from src.isqrt_cov import ISqrtCov
+from src.models.resnet import BasicBlock, Bottleneck, ResNetBackbone
+
+# arch -> (block, blocks per layer)
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class GlobalAvgPool(nn.Cell):
+    """Global average pooling: (B, C, H, W) -> (B, C), the standard ResNet representation."""
+
+    def __init__(self, in_channels):
+        super().__init__()
+        self.output_dim = in_channels
+
+    def construct(self, x):
+        return x.mean(axis=(2, 3))
+
+
+class Classifier(nn.Cell):
+    """The FC layer, wrapped so that its parameters are named ``fc.weight`` / ``fc.bias``.
+
+    Initialised as PyTorch's nn.Linear (weight and bias uniform in +-1/sqrt(in)), which is what
+    fast-MPN-COV leaves it at."""
+
+    def __init__(self, in_features, num_classes):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.fc = nn.Dense(in_features, num_classes, weight_init=Uniform(bound), bias_init=Uniform(bound))
+
+    def construct(self, x):
+        return self.fc(x)
+
+
+def _isqrt_cov(in_channels, iter_num=5, dimension_reduction=256, is_sqrt=True, is_vec=True):
+    return ISqrtCov(in_channels, dimension_reduction=dimension_reduction, iter_num=iter_num,
+                    is_sqrt=is_sqrt, is_vec=is_vec)
+
+
+def _gap(in_channels):
+    return GlobalAvgPool(in_channels)
+
+
+# head -> (representation builder, its keyword arguments with defaults, layer4 stride)
+HEADS = {
+    "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True}, 1),
+    "gap": (_gap, {}, 2),
+}
+
+
+class ClassificationNet(nn.Cell):
+    """features -> representation -> classifier.
+
+    Attributes: ``arch``, ``head``, ``num_classes``; ``classifier_prefix`` ("fc.") is the name
+    prefix of the classifier's parameters (its own learning rate in finetuning, or skipped when
+    loading weights for another number of classes)."""
+
+    classifier_prefix = "fc."
+
+    def __init__(self, features, representation, num_classes, arch="", head=""):
+        super().__init__(auto_prefix=False)
+        self.features = features
+        self.representation = representation
+        self.classifier = Classifier(representation.output_dim, num_classes)
+        self.arch = arch
+        self.head = head
+        self.num_classes = num_classes
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, f):
+        return self.classifier(self.representation(f))
+
+    def construct(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def _choices(names):
+    return ", ".join(sorted(names))
+
+
+def create_model(arch, head, num_classes, **head_kwargs):
+    """Build ``arch`` (resnet18/34/50/101/152) with ``head`` ("isqrt_cov" or "gap").
+
+    head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
+    channels), is_sqrt (True), is_vec (True). "gap" takes none. The "isqrt_cov" network is
+    fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
+    Newton-Schulz square root, upper triangle, FC. Unknown names raise ValueError listing the
+    valid ones.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {_choices(ARCHS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: choose one of {_choices(HEADS)}")
+    build, defaults, last_stride = HEADS[head]
+    unknown = set(head_kwargs) - set(defaults)
+    if unknown:
+        valid = _choices(defaults) if defaults else "none"
+        raise ValueError(f"unknown argument(s) {_choices(unknown)} for head {head!r}: valid ones are {valid}")
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    block, layers = ARCHS[arch]
+    features = ResNetBackbone(block, layers, last_stride=last_stride)
+    representation = build(features.out_channels, **{**defaults, **head_kwargs})
+    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head)

@@ -1,0 +1,162 @@
+"""Networks of src.models: shapes, names, parameter counts, FLOPs, initialisation, graph mode."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn
+
+from src.models import ARCHS, HEADS, count_flops, count_params, create_model
+from src.isqrt_cov import num_products
+from src.models.resnet import batch_norm
+
+
+@pytest.fixture(autouse=True)
+def pynative():
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=mode)
+
+
+def _input(batch, size, seed=0):
+    return ms.Tensor(np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_output_shapes(arch, head):
+    big = arch in ("resnet101", "resnet152")
+    batch, size = (1, 32) if big else (2, 64)
+    net = create_model(arch, head, 7, **({"iter_num": 3} if head == "isqrt_cov" else {}))
+    net.set_train(False)
+    x = _input(batch, size)
+    f = net.forward_features(x)
+    expansion = ARCHS[arch][0].expansion
+    # layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP (/32)
+    side = size // 16 if head == "isqrt_cov" else size // 32
+    assert f.shape == (batch, 512 * expansion, side, side)
+    rep = net.representation(f)
+    expected_dim = 256 * 257 // 2 if head == "isqrt_cov" else 512 * expansion
+    assert net.representation.output_dim == expected_dim
+    assert rep.shape == (batch, expected_dim)
+    logits = net(x)
+    assert logits.shape == (batch, 7)
+    assert np.isfinite(logits.asnumpy()).all()
+    np.testing.assert_allclose(net.forward_head(f).asnumpy(), logits.asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="resnet101.*resnet152.*resnet18.*resnet34.*resnet50"):
+        create_model("resnet42", "gap", 10)
+    with pytest.raises(ValueError, match="gap.*isqrt_cov"):
+        create_model("resnet18", "bilinear", 10)
+    with pytest.raises(ValueError, match="dimension_reduction.*is_sqrt.*is_vec.*iter_num"):
+        create_model("resnet18", "isqrt_cov", 10, iter_number=5)
+    with pytest.raises(ValueError, match="none"):
+        create_model("resnet18", "gap", 10, iter_num=5)
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("resnet18", "gap", 0)
+
+
+def test_parameter_names_follow_torchvision_layout():
+    net = create_model("resnet50", "isqrt_cov", 10)
+    names = [p.name for p in net.get_parameters()]
+    for name in ["conv1.weight", "bn1.gamma", "bn1.beta", "bn1.moving_mean", "bn1.moving_variance",
+                 "layer1.0.conv1.weight", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.gamma",
+                 "layer3.5.bn3.moving_variance", "layer4.0.downsample.1.beta", "layer4.2.bn3.gamma",
+                 "layer_reduce.weight", "layer_reduce_bn.moving_mean", "fc.weight", "fc.bias"]:
+        assert name in names
+    assert len(names) == len(set(names))
+    assert not any(n.startswith(("features.", "representation.", "classifier.")) for n in names)
+    # The classifier is exactly what classifier_prefix selects.
+    fc_names = {p.name for p in net.classifier.get_parameters()}
+    assert fc_names == {n for n in names if n.startswith(net.classifier_prefix)} == {"fc.weight", "fc.bias"}
+    # The isqrt ResNet's layer4 has no stride anywhere, the GAP one strides in block 0.
+    assert net.features.layer4[0].conv2.stride == (1, 1)
+    assert net.features.layer4[0].downsample[0].stride == (1, 1)
+    gap = create_model("resnet50", "gap", 10)
+    assert gap.features.layer4[0].conv2.stride == (2, 2)
+    assert gap.features.layer4[0].conv1.stride == (1, 1)  # v1.5: stride on the 3x3 conv
+
+
+def test_parameter_counts_exact():
+    assert count_params(create_model("resnet50", "isqrt_cov", 1000)) == 56_929_832
+    assert count_params(create_model("resnet50", "gap", 1000)) == 25_557_032
+    # torchvision's published counts for the other GAP ResNets
+    assert count_params(create_model("resnet18", "gap", 1000)) == 11_689_512
+    assert count_params(create_model("resnet34", "gap", 1000)) == 21_797_672
+    # iSQRT-COV adds the 1x1 reduction (C*256 + BN 512) and swaps fc (C+1)*1000 for (32896+1)*1000
+    c = 512
+    assert count_params(create_model("resnet18", "isqrt_cov", 1000)) == \
+        11_689_512 - (c + 1) * 1000 + c * 256 + 512 + 32_897 * 1000
+
+
+def test_flops_resnet50():
+    gap = create_model("resnet50", "gap", 1000)
+    moving = gap.features.bn1.moving_mean.asnumpy().copy()
+    gap.set_train(True)
+    f = count_flops(gap, 224)
+    assert abs(f["conv_fc"] / 4.09e9 - 1) < 0.02  # torchvision's 4.09 GFLOPS (multiply-adds)
+    assert f["meta"] == 0 and f["total"] == f["conv_fc"]
+    # the measurement left mode, train flag and BN statistics as they were
+    assert ms.get_context("mode") == ms.PYNATIVE_MODE and gap.training
+    np.testing.assert_array_equal(gap.features.bn1.moving_mean.asnumpy(), moving)
+
+    isqrt = create_model("resnet50", "isqrt_cov", 1000)
+    f = count_flops(isqrt, 224)
+    assert abs(f["conv_fc"] / 6.34e9 - 1) < 0.02
+    # covariance of 196 features in 256-d plus 12 Newton-Schulz products of 256^3
+    assert num_products(5) == 12
+    assert f["meta"] == 256 * 256 * 196 + 12 * 256 ** 3
+    assert abs(f["meta"] / 0.214e9 - 1) < 0.02
+    assert f["total"] == f["conv_fc"] + f["meta"]
+
+
+def test_flops_scale_with_image_size():
+    net = create_model("resnet18", "gap", 10)
+    small, big = count_flops(net, 128)["conv_fc"], count_flops(net, (256, 256))["conv_fc"]
+    fc = 512 * 10
+    assert abs((big - fc) / (small - fc) - 4) < 1e-6  # convolutions scale with the pixel count
+
+
+def test_initialisation_as_reference():
+    net = create_model("resnet34", "isqrt_cov", 100)
+    w = net.features.layer3[0].conv2.weight.asnumpy()  # 256 x 256 x 3 x 3, fan_out = 2304
+    assert abs(w.std() / np.sqrt(2.0 / (256 * 9)) - 1) < 0.02 and abs(w.mean()) < 1e-3
+    w = net.representation.layer_reduce.weight.asnumpy()  # 256 x 512 x 1 x 1, fan_out = 256
+    assert abs(w.std() / np.sqrt(2.0 / 256) - 1) < 0.02
+    for bn in (net.features.bn1, net.features.layer2[1].bn2, net.representation.layer_reduce_bn):
+        assert (bn.gamma.asnumpy() == 1).all() and (bn.beta.asnumpy() == 0).all()
+        assert bn.eps == pytest.approx(1e-5)
+    fc = net.classifier.fc.weight.asnumpy()  # PyTorch Linear default: U(+-1/sqrt(in))
+    bound = 1 / np.sqrt(32896)
+    assert np.abs(fc).max() <= bound and fc.std() == pytest.approx(bound / np.sqrt(3), rel=0.02)
+
+
+def test_batch_norm_momentum_as_pytorch():
+    """moving = 0.9 moving + 0.1 batch statistic (PyTorch momentum 0.1), unbiased variance."""
+    bn = batch_norm(3)
+    bn.set_train(True)
+    x = np.random.RandomState(2).randn(4, 3, 5, 5).astype(np.float32) * 2 + 1
+    bn(ms.Tensor(x))
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3), ddof=1)
+    np.testing.assert_allclose(bn.moving_mean.asnumpy(), 0.1 * mean, rtol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.asnumpy(), 0.9 + 0.1 * var, rtol=1e-4)
+
+
+def _train_step(step, x, y):
+    return step(x, y)
+
+
+def test_graph_mode_train_step():
+    """The training mode: one compiled SGD step of the iSQRT-COV ResNet-18 lowers the loss."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = create_model("resnet18", "isqrt_cov", 4, iter_num=3)
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn), nn.SGD(net.trainable_params(), 0.05))
+    step.set_train()
+    x, y = _input(4, 64, seed=1), ms.Tensor(np.array([0, 1, 2, 3], np.int32))
+    first = float(_train_step(step, x, y).asnumpy())
+    for _ in range(3):
+        last = float(_train_step(step, x, y).asnumpy())
+    assert np.isfinite(first) and np.isfinite(last) and last < first
