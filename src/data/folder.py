@@ -1,0 +1,83 @@
+"""ImageNet-style folders: split_dir/<class>/<image>. Checks that fail early with a clear message.
+
+The class order is the sorted folder names (as torchvision's ImageFolder and fast-MPN-COV), so
+label i means the same class on every machine and in every split.
+"""
+import itertools
+import os
+
+# Extensions MindSpore's Decode reads. ImageFolderDataset matches extensions case-sensitively
+# (ImageNet uses ".JPEG"), so it is given every upper/lower-case spelling of these.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used as is. One-line message that says what to fix."""
+
+
+def _case_variants(ext):
+    return {"".join(p) for p in itertools.product(*[(c.lower(), c.upper()) for c in ext])}
+
+
+def image_extensions_all_cases():
+    """Every case spelling of IMAGE_EXTENSIONS, sorted (for ImageFolderDataset's `extensions`)."""
+    return sorted(set().union(*(_case_variants(e) for e in IMAGE_EXTENSIONS)))
+
+
+def is_image_file(name):
+    """True for the files ImageFolderDataset reads (hidden ones too, e.g. macOS "._x.jpg")."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _has_image(class_dir):
+    with os.scandir(class_dir) as it:
+        return any(e.is_file() and is_image_file(e.name) for e in it)
+
+
+def scan_image_folder(split_dir):
+    """Sorted class names of split_dir (its non-hidden sub-folders).
+
+    Raises DatasetError for a missing folder, a folder without class sub-folders, or a class folder
+    with no image file (named in the message). Stops at the first image of each class, so it is
+    quick even on ImageNet.
+    """
+    if not os.path.isdir(split_dir):
+        raise DatasetError(f"dataset folder not found: {split_dir} (expected <data_path>/train and "
+                           f"<data_path>/val with one sub-folder per class)")
+    with os.scandir(split_dir) as it:
+        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"no class folders in {split_dir} (expected one sub-folder of images per class)")
+    empty = [c for c in classes if not _has_image(os.path.join(split_dir, c))]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DatasetError(f"class folder without images in {split_dir}: {shown} "
+                           f"(extensions read: {', '.join(IMAGE_EXTENSIONS)}; remove the folder or add images)")
+    return classes
+
+
+def check_class_match(train_classes, val_classes, train_dir="train", val_dir="val"):
+    """Raise DatasetError naming the classes that are in one split but not the other."""
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+
+    def show(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    parts = []
+    if only_train:
+        parts.append(f"only in {train_dir}: {show(only_train)}")
+    if only_val:
+        parts.append(f"only in {val_dir}: {show(only_val)}")
+    raise DatasetError(f"train and val class folders differ ({'; '.join(parts)}); "
+                       f"both splits need the same class folders")
+
+
+def count_images(split_dir, classes):
+    """Number of image files per class (a full listing: slower than scan_image_folder)."""
+    out = {}
+    for c in classes:
+        with os.scandir(os.path.join(split_dir, c)) as it:
+            out[c] = sum(1 for e in it if e.is_file() and is_image_file(e.name))
+    return out

@@ -1,0 +1,385 @@
+"""Data: folder checks, pipelines on tiny generated JPEG folders, sharding, seeding, bad images, demo."""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.config import REPO_ROOT, load_config
+from src.data import (BadImageMonitor, DatasetError, check_class_match, create_dataset, find_unreadable_images,
+                      maybe_prepare_demo, prepare_digits, scan_image_folder)
+from src.data.demo import MARKER, digits_split
+
+CLASSES = ["zebra", "ant", "mole"]  # created unsorted: labels must follow the sorted names
+PER_CLASS = 4
+MEAN, STD = [120.0, 110.0, 100.0], [60.0, 50.0, 40.0]
+
+
+def _cfg(*extra, num_classes=3):
+    return load_config([f"--num_classes={num_classes}", "--image_size=16", "--eval_resize=20", "--batch_size=5",
+                        "--num_parallel_workers=2", "--mean=120,110,100", "--std=60,50,40", "--hflip=True",
+                        "--crop_scale=0.3,1.0", *extra])
+
+
+def _identity_color(k):
+    return (10 + 20 * k, 200, 40)
+
+
+@pytest.fixture(scope="module")
+def const_folder(tmp_path_factory):
+    """3 classes x 4 JPEGs, image k a flat colour encoding k (any crop/flip/resize keeps it)."""
+    root = tmp_path_factory.mktemp("const") / "train"
+    k, owner = 0, {}
+    for c in CLASSES:
+        os.makedirs(root / c)
+        for i in range(PER_CLASS):
+            Image.new("RGB", (48 + 8 * i, 40), _identity_color(k)).save(root / c / f"img{i}.JPEG", quality=95)
+            owner[k] = sorted(CLASSES).index(c)
+            k += 1
+    os.makedirs(root / ".ipynb_checkpoints")  # hidden folders are not classes
+    return str(root), owner
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("noise") / "train"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg")
+    return str(root)
+
+
+def _batches(data):
+    return [(b["image"], b["label"]) for b in data.create_dict_iterator(num_epochs=1, output_numpy=True)]
+
+
+def _identities(images):
+    """Recover k from normalised flat-colour images (red channel)."""
+    red = images[:, 0] * STD[0] + MEAN[0]
+    assert np.ptp(red, axis=(1, 2)).max() < 3.0, "flat images must stay flat"
+    return np.round((red.mean(axis=(1, 2)) - 10) / 20).astype(int)
+
+
+# --------------------------------------------------------------------------- folder checks
+def test_scan_sorted_classes_and_errors(tmp_path, const_folder):
+    root, _ = const_folder
+    assert scan_image_folder(root) == sorted(CLASSES)
+    with pytest.raises(DatasetError, match=r"dataset folder not found: .*nope"):
+        scan_image_folder(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "flat")
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.jpg")
+    with pytest.raises(DatasetError, match=r"no class folders in .*flat"):
+        scan_image_folder(str(tmp_path / "flat"))
+    os.makedirs(tmp_path / "split" / "cat")
+    os.makedirs(tmp_path / "split" / "dog")
+    Image.new("RGB", (8, 8)).save(tmp_path / "split" / "cat" / "x.jpg")
+    (tmp_path / "split" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=r"class folder without images in .*split: dog") as e:
+        scan_image_folder(str(tmp_path / "split"))
+    assert "\n" not in str(e.value)
+
+
+def test_check_class_match_names_the_differences():
+    check_class_match(["a", "b"], ["a", "b"])
+    with pytest.raises(DatasetError, match=r"only in train: c; only in val: d"):
+        check_class_match(["a", "b", "c"], ["a", "b", "d"])
+    with pytest.raises(DatasetError, match=r"only in val: e"):
+        check_class_match(["a"], ["a", "e"], "train", "val")
+
+
+def test_class_count_must_match_num_classes(const_folder):
+    with pytest.raises(DatasetError, match=r"has 3 class folders but num_classes is 4 \(set --num_classes=3"):
+        create_dataset(const_folder[0], _cfg(num_classes=4), training=False)
+
+
+# --------------------------------------------------------------------------- pipelines
+def test_eval_pipeline_shapes_values_and_label_order(const_folder):
+    root, owner = const_folder
+    batches = _batches(create_dataset(root, _cfg(), training=False))
+    assert [b[0].shape for b in batches] == [(5, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16)]  # no sample dropped
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    assert images.dtype == np.float32 and labels.dtype == np.int32
+    ids = _identities(images)
+    assert sorted(ids) == list(range(12))
+    assert [owner[k] for k in ids] == labels.tolist()
+    assert labels.tolist() == sorted(labels.tolist())  # file order, classes sorted by name
+    # normalisation: (pixel - mean) / std per channel, on the 0-255 scale
+    green, blue = images[:, 1].mean(), images[:, 2].mean()
+    assert green == pytest.approx((200 - 110) / 50, abs=0.05) and blue == pytest.approx((40 - 100) / 40, abs=0.05)
+
+
+@pytest.mark.parametrize("transform, resize", [("random_resized_crop", None), ("resize_random_crop", "24"),
+                                               ("resize_center_crop", "20,30")])
+def test_train_pipeline_transforms(const_folder, transform, resize):
+    root, owner = const_folder
+    extra = [f"--train_transform={transform}"] + ([f"--train_resize={resize}"] if resize else [])
+    batches = _batches(create_dataset(root, _cfg(*extra), training=True, seed=3))
+    assert [b[0].shape for b in batches] == [(5, 3, 16, 16)] * 2  # 12 // 5: last partial batch dropped
+    ids = np.concatenate([_identities(b[0]) for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    assert len(set(ids.tolist())) == 10 and [owner[k] for k in ids] == labels.tolist()
+
+
+def test_eval_exact_resize_then_centre_crop(tmp_path):
+    """eval_resize [h, w] resizes exactly: a 20x40 image with a 10-pixel red left border keeps it."""
+    d = tmp_path / "v" / "c"
+    os.makedirs(d)
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :10, 0] = 255
+    Image.fromarray(img).save(d / "x.png")
+    cfg = load_config(["--num_classes=1", "--image_size=16", "--eval_resize=16,16", "--batch_size=1",
+                       "--mean=0,0,0", "--std=1,1,1", "--num_parallel_workers=1"])
+    (x, _), = _batches(create_dataset(str(tmp_path / "v"), cfg, training=False))
+    red = x[0, 0]
+    assert red[:, :3].mean() > 240 and red[:, 5:].mean() < 15  # exact 16x16: red is the left quarter
+    cfg.eval_resize = 16  # shorter side 16 -> 16x32, centre crop 16 cuts the red border off
+    (x, _), = _batches(create_dataset(str(tmp_path / "v"), cfg, training=False))
+    assert x[0, 0].max() < 15
+
+
+def test_sharding_splits_the_data(const_folder):
+    root, _ = const_folder
+    cfg = _cfg("--batch_size=3")
+    seen = []
+    for shard in range(2):
+        ids = np.concatenate([_identities(b[0]) for b in _batches(
+            create_dataset(root, cfg, training=False, num_shards=2, shard_id=shard))])
+        assert len(ids) == 6
+        seen.append(set(ids.tolist()))
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(12))
+    train = []
+    for shard in range(2):  # training shards use the same seeded permutation on every rank
+        ids = np.concatenate([_identities(b[0]) for b in _batches(
+            create_dataset(root, cfg, training=True, num_shards=2, shard_id=shard, seed=5))])
+        assert len(ids) == 6
+        train.append(set(ids.tolist()))
+    assert train[0].isdisjoint(train[1]) and train[0] | train[1] == set(range(12))
+
+
+def _digest(batches):
+    h = hashlib.sha256()
+    for x, y in batches:
+        h.update(x.tobytes())
+        h.update(y.tobytes())
+    return h.hexdigest()
+
+
+def test_shuffle_and_augmentation_are_determined_by_the_seed(noise_folder):
+    cfg = load_config(["--num_classes=2", "--image_size=16", "--eval_resize=16", "--batch_size=4",
+                       "--num_parallel_workers=2", "--hflip=True", "--crop_scale=0.2,1.0"])
+    first = _digest(_batches(create_dataset(noise_folder, cfg, training=True, seed=11)))
+    other = _digest(_batches(create_dataset(noise_folder, cfg, training=True, seed=12)))
+    again = _digest(_batches(create_dataset(noise_folder, cfg, training=True, seed=11)))
+    assert first == again and first != other
+    # a fresh process (a resumed run) rebuilding "epoch 11" gets the very same batches
+    script = textwrap.dedent(f"""
+        import hashlib, sys
+        sys.path.insert(0, {REPO_ROOT!r})
+        from src.config import load_config
+        from src.data import create_dataset
+        cfg = load_config({["--num_classes=2", "--image_size=16", "--eval_resize=16", "--batch_size=4",
+                            "--num_parallel_workers=2", "--hflip=True", "--crop_scale=0.2,1.0"]!r})
+        h = hashlib.sha256()
+        for b in create_dataset({noise_folder!r}, cfg, training=True, seed=11).create_dict_iterator(
+                num_epochs=1, output_numpy=True):
+            h.update(b["image"].tobytes()); h.update(b["label"].tobytes())
+        print(h.hexdigest())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, GLOG_v="3"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == first
+
+
+# --------------------------------------------------------------------------- bad images
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    """Good images plus every kind of trouble issue 6 lists; returns (data_path, undecodable files)."""
+    base = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(1)
+    for c in ("cat", "dog"):
+        os.makedirs(base / "train" / c)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(base / "train" / c / f"ok{i}.jpg")
+    d = base / "train" / "cat"
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not an image\n" * 20)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert("P").save(d / "gif.jpg", "GIF")
+    Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)).save(d / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA").save(d / "alpha.png")
+    Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).save(d / "tiny.jpg")  # smaller than the crop
+    bad = sorted(str(d / f) for f in ("zero.jpg", "text.jpg", "truncated.jpg", "gif.jpg"))
+    return str(base), bad
+
+
+def test_check_dataset_lists_exactly_the_undecodable_files(bad_folder, capsys):
+    root, bad = bad_folder
+    found = find_unreadable_images(root)
+    assert [f for f, _ in found] == bad
+    reasons = dict(found)
+    assert "empty" in reasons[bad[3]] and "GIF" in reasons[bad[0]] and "truncated" in reasons[bad[2]]
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    try:
+        import check_dataset
+    finally:
+        sys.path.pop(0)
+    assert check_dataset.main([root]) == 1
+    out = capsys.readouterr().out
+    listed = sorted(line.split(": ", 1)[0] for line in out.splitlines() if line.startswith(root))
+    assert listed == bad and f"4 unreadable of 20 image(s)" in out
+    assert check_dataset.main([os.path.join(root, "nope")]) == 2
+
+
+def test_pipeline_survives_bad_images(bad_folder, tmp_path, monkeypatch):
+    root, bad = bad_folder
+    monkeypatch.chdir(tmp_path)  # MindSpore drops a copy of a GIF it refuses into the working directory
+    split = os.path.join(root, "train")
+    n = 20
+    cfg = load_config(["--num_classes=2", "--image_size=24", "--eval_resize=24", "--batch_size=4",
+                       "--num_parallel_workers=2"])
+    for transform in ("random_resized_crop", "resize_random_crop"):
+        cfg.train_transform, cfg.train_resize = transform, 28
+        batches = _batches(create_dataset(split, cfg, training=True, seed=1))  # replace (default)
+        assert len(batches) == n // 4 and all(x.shape == (4, 3, 24, 24) and np.isfinite(x).all() for x, _ in batches)
+    assert sum(len(y) for _, y in _batches(create_dataset(split, cfg, training=False))) == n
+    cfg.bad_image_mode = "skip"
+    assert sum(len(y) for _, y in _batches(create_dataset(split, cfg, training=False))) == n - len(bad)
+    cfg.bad_image_mode = "error"
+    with pytest.raises(RuntimeError, match=r"(zero|text|truncated|gif)\.jpg"):
+        _batches(create_dataset(split, cfg, training=False))
+
+
+def test_monitor_reports_each_bad_file_once_with_a_count_per_epoch(bad_folder, tmp_path):
+    """In a subprocess with GLOG_v=3: the trainer's setting that would otherwise hide the warnings."""
+    root, bad = bad_folder
+    script = textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {REPO_ROOT!r})
+        from src.data import DATASET_WARNINGS_ENV
+        os.environ.setdefault(*DATASET_WARNINGS_ENV)
+        from src.config import load_config
+        from src.data import BadImageMonitor, create_dataset
+        cfg = load_config(["--num_classes=2", "--image_size=24", "--batch_size=4", "--eval_resize=24",
+                           "--num_parallel_workers=2"])
+        monitor = BadImageMonitor().start()
+        print("a line of our own", file=sys.stderr)
+        results = []
+        for epoch in range(2):
+            for _ in create_dataset({os.path.join(root, "train")!r}, cfg, True, seed=epoch).create_dict_iterator(
+                    num_epochs=1):
+                pass
+            results.append(monitor.collect())
+        monitor.stop()
+        print(json.dumps(results))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path), env=dict(os.environ, GLOG_v="3"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (count1, new1), (count2, new2) = json.loads(out.stdout.splitlines()[-1])
+    assert count1 == count2 == len(bad)
+    assert sorted(new1) == bad and new2 == []
+    assert "a line of our own" in out.stderr and "erroneous sample" not in out.stderr
+
+
+def test_monitor_passes_other_output_through_and_restores_stderr(capfd, tmp_path):
+    odd = tmp_path / "x. y" / "img 1.jpg"  # ". " inside the path: the file that exists is taken
+    os.makedirs(odd.parent)
+    odd.write_bytes(b"")
+    mon = BadImageMonitor().start()
+    os.write(2, b"progress 1\rprogress 2")
+    os.write(2, b"\n[WARNING] MD: Detected an erroneous sample in MindData Map operation, and will replace with "
+                b"a healthy sample: map operation: [Decode] failed. The corresponding data file is: "
+                + str(odd).encode() + b". Image file size is 0.\nlast line\n")
+    count, new = mon.collect()
+    mon.stop()
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert (count, new) == (1, [str(odd)])
+    assert err == "progress 1\rprogress 2\nlast line\nafter\n"
+
+
+def test_monitor_does_not_swallow_a_crash_traceback():
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {REPO_ROOT!r})
+        from src.data import BadImageMonitor
+        BadImageMonitor().start()
+        print("partial line without newline", end="", file=sys.stderr)
+        raise RuntimeError("the run failed here")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "partial line without newline" in out.stderr and "RuntimeError: the run failed here" in out.stderr
+
+
+# --------------------------------------------------------------------------- demo dataset
+def test_prepare_digits_counts_content_and_idempotence(tmp_path):
+    root = str(tmp_path / "data" / "digits")
+    info = prepare_digits(root)
+    assert info == {"root": root, "train": 1437, "val": 360, "created": True}
+    assert scan_image_folder(os.path.join(root, "train")) == [str(d) for d in range(10)]
+    x_tr, y_tr, x_va, y_va = digits_split()
+    for split, labels in (("train", y_tr), ("val", y_va)):
+        counts = {c: len(os.listdir(os.path.join(root, split, c))) for c in map(str, range(10))}
+        assert counts == {str(c): int((labels == c).sum()) for c in range(10)}
+    for c in map(str, range(10)):  # stratified: 20% of every class in val
+        n_val, n_tr = (len(os.listdir(os.path.join(root, s, c))) for s in ("val", "train"))
+        assert abs(n_val - 0.2 * (n_val + n_tr)) <= 1
+    # real digits: each written image, shrunk back to 8x8, matches its source scan
+    img = Image.open(os.path.join(root, "val", "7", "7_0003.png"))
+    assert img.size == (32, 32) and img.mode == "RGB"
+    src = x_va[np.flatnonzero(y_va == 7)[3]]
+    back = np.asarray(img.convert("L").resize((8, 8), Image.BOX), np.float64)
+    assert np.corrcoef(back.ravel(), src.ravel())[0, 1] > 0.95
+    # idempotent: nothing rewritten
+    stamp = os.stat(os.path.join(root, "train", "3", "3_0000.png")).st_mtime_ns
+    assert prepare_digits(root)["created"] is False
+    assert os.stat(os.path.join(root, "train", "3", "3_0000.png")).st_mtime_ns == stamp
+    assert sorted(os.listdir(tmp_path / "data")) == [".digits.lock", "digits"]  # no temporary folder left
+
+
+def test_half_written_demo_is_rebuilt_and_user_data_is_kept(tmp_path):
+    root = tmp_path / "digits"
+    prepare_digits(str(root))
+    os.remove(root / MARKER)  # as if killed before the marker was written
+    for f in os.listdir(root / "val" / "4")[:10]:
+        os.remove(root / "val" / "4" / f)
+    import shutil
+    shutil.rmtree(root / "val" / "9")
+    assert prepare_digits(str(root))["created"] is True
+    assert sum(len(files) for _, _, files in os.walk(root / "val")) == 360
+    # a folder of someone's own images is never deleted
+    user = tmp_path / "mine"
+    os.makedirs(user / "train" / "cat")
+    Image.new("RGB", (8, 8)).save(user / "train" / "cat" / "x.jpg")
+    with pytest.raises(DatasetError, match="is not a digits demo folder; refusing to overwrite"):
+        prepare_digits(str(user))
+    cfg = load_config([f"--data_path={user}"])
+    assert cfg.demo_dataset == "digits" and maybe_prepare_demo(cfg) is None
+    assert os.path.exists(user / "train" / "cat" / "x.jpg")
+
+
+def test_demo_config_pipeline_builds_batches(tmp_path):
+    cfg = load_config([f"--data_path={tmp_path / 'digits'}"])
+    assert maybe_prepare_demo(cfg)["created"] is True
+    train = create_dataset(os.path.join(cfg.data_path, "train"), cfg, training=True, seed=cfg.seed)
+    assert train.get_dataset_size() == 1437 // cfg.batch_size
+    x, y = next(iter(train.create_tuple_iterator(num_epochs=1, output_numpy=True)))
+    assert x.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size) and x.dtype == np.float32
+    assert abs(float(x.mean())) < 0.5 and 0.5 < float(x.std()) < 1.5  # the demo's own mean/std normalise it
+    assert set(y.tolist()) <= set(range(10))
+    val = create_dataset(os.path.join(cfg.data_path, "val"), cfg, training=False)
+    assert sum(len(b[1]) for b in val.create_tuple_iterator(num_epochs=1, output_numpy=True)) == 360
