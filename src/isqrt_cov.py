@@ -36,7 +36,11 @@ def _restore(y, dtype):
 
 
 class _CovPoolFn(nn.Cell):
-    """Sigma = X Ihat X^T with Ihat = (I - 11^T/M)/M, on float32 (B, C, H, W)."""
+    """Sigma = X Ihat X^T with Ihat = (I - 11^T/M)/M, on float32 (B, C, H, W).
+
+    Returns (Sigma, centred X): the backward reuses the centred X instead of recomputing it.
+    The mean is a batched matrix-vector product (MindSpore's ReduceMean is several times slower
+    on CPU) and 1/M a scalar multiply (cheaper than Div)."""
 
     def __init__(self):
         super().__init__()
@@ -46,18 +50,16 @@ class _CovPoolFn(nn.Cell):
     def construct(self, x):
         b, c, h, w = x.shape
         m = h * w
-        xc = x.reshape(b, c, m)
-        xc = xc - xc.mean(axis=2, keep_dims=True)
-        return self.mm_tb(xc, xc) / m
+        xr = x.reshape(b, c, m)
+        ones = ops.broadcast_to(ops.ones((1, m, 1), ms.float32) * (1.0 / m), (b, m, 1))
+        xc = xr - self.mm(xr, ones)
+        return self.mm_tb(xc, xc) * (1.0 / m), xc
 
     def bprop(self, x, out, dout):
         # dl/dX = (G + G^T) X Ihat, and X Ihat is the centred X divided by M.
         b, c, h, w = x.shape
-        m = h * w
-        xc = x.reshape(b, c, m)
-        xc = xc - xc.mean(axis=2, keep_dims=True)
-        g = dout + dout.transpose(0, 2, 1)
-        dx = self.mm(g, xc) / m
+        g = dout[0] + dout[0].transpose(0, 2, 1)
+        dx = self.mm(g, out[1]) * (1.0 / (h * w))
         return (dx.reshape(b, c, h, w),)
 
 
@@ -71,14 +73,24 @@ class CovPool(nn.Cell):
     def construct(self, x):
         if x.ndim != 4:
             raise ValueError(f"CovPool expects a (B, C, H, W) feature map, got shape {x.shape}")
-        return _restore(self.fn(_to_float32(x)), x.dtype)
+        return _restore(self.fn(_to_float32(x))[0], x.dtype)
+
+
+def _frobenius(u, v):
+    """Per-sample <u, v> = sum(u * v) as (B, 1, 1); a flat reduction (multi-axis ReduceSum is slow on CPU)."""
+    b = u.shape[0]
+    return (u * v).reshape(b, -1).sum(axis=1).reshape(b, 1, 1)
 
 
 class _NewtonSchulzFn(nn.Cell):
     """Pre-normalisation, coupled Newton-Schulz iteration and post-compensation.
 
-    Returns (C, norm, A, T_1, Y_1, T_2, [Z_2, Y_2, T_3, ...], Y_N): the result first, then what
-    the backward reads. Z_1 = T_1 because Z_0 = I, so the first step costs one product.
+    Computed on Yh = -Y/2 and Z: then T = (3I - ZY)/2 = 1.5I + Z Yh, Yh_k = Yh T, Z_k = T Z, and the
+    first step is Yh_1 = Ah T_1, Z_1 = T_1 = 1.5I + Ah with Ah = -A/2. Every step forms T with one
+    add and the backward needs no scalar multiplies; C = -2 sqrt(norm) Yh_N.
+
+    Returns (C, norm, Ah, T_1, [Yh_1, Z_1, T_2, Yh_2, Z_2, T_3, ...], Yh_N): the result first,
+    then what the backward reads (Yh_{k-1}, Z_{k-1}, T_k for every step k >= 2).
     """
 
     def __init__(self, iter_num, eps=TRACE_EPS):
@@ -88,68 +100,74 @@ class _NewtonSchulzFn(nn.Cell):
         self.mm = ops.BatchMatMul()
         self.mm_ta = ops.BatchMatMul(transpose_a=True)
         self.mm_tb = ops.BatchMatMul(transpose_b=True)
+        self.mm_tatb = ops.BatchMatMul(transpose_a=True, transpose_b=True)
         self.eye = ops.Eye()
 
     def construct(self, a):
-        d = a.shape[-1]
-        eye = self.eye(d, d, ms.float32)
-        norm = (a * eye).sum(axis=(1, 2), keepdims=True) + self.eps
-        an = a / norm
-        t = 1.5 * eye - 0.5 * an
-        y = self.mm(an, t)
-        saved = (an, t)
+        b, d, _ = a.shape
+        # A (B, d, d) identity: adding a broadcast (d, d) one is 3x slower on CPU.
+        eye15 = ops.broadcast_to(self.eye(d, d, ms.float32) * 1.5, (b, d, d))
+        norm = ops.diagonal(a, 0, 1, 2).sum(axis=1).reshape(b, 1, 1) + self.eps
+        ah = a * (-0.5 / norm)
+        t = ah + eye15
+        y = self.mm(ah, t)
         z = t
+        saved = (ah, t)
         for k in range(2, self.iter_num + 1):
-            t = 1.5 * eye - 0.5 * self.mm(z, y)
+            t = self.mm(z, y) + eye15
+            saved = saved + (y, z, t)
             if k < self.iter_num:
-                saved = saved + (y, z, t)
-                z_next = self.mm(t, z)
-                y = self.mm(y, t)
-                z = z_next
+                y, z = self.mm(y, t), self.mm(t, z)
             else:
-                saved = saved + (y, z, t)
                 y = self.mm(y, t)
-        c = ops.sqrt(norm) * y
+        c = y * (-2.0 * ops.sqrt(norm))
         return (c, norm) + saved + (y,)
 
     def bprop(self, a, out, dout):
-        d = a.shape[-1]
-        eye = self.eye(d, d, ms.float32)
+        # Exact reverse mode of construct. Gradients named g* are held transposed (g = dl/dX^T):
+        # then every product of steps N-1..2 is a plain BatchMatMul, while D-form gradients would
+        # need transpose_b, which is about 10% slower on CPU. The first product switches to the
+        # transposed form and the last four switch back (dl/da is returned untransposed).
+        b, d, _ = a.shape
+        n = self.iter_num
         dc = dout[0]
         norm = out[1]
-        an = out[2]
+        ah = out[2]
         t1 = out[3]
-        y_n = out[-1]
         sqrt_norm = ops.sqrt(norm)
-        # Post-compensation C = sqrt(norm) Y_N.
-        dy = dc * sqrt_norm
-        dnorm = (dc * y_n).sum(axis=(1, 2), keepdims=True) / (2.0 * sqrt_norm)
-        dz = None
-        # Reverse of steps N..2: Y_k = Y T, Z_k = T Z, T = (3I - Z Y)/2, (Y, Z) = (Y_{k-1}, Z_{k-1}).
-        for k in range(self.iter_num, 1, -1):
-            base = 4 + 3 * (k - 2)
-            y = out[base]
-            z = out[base + 1]
-            t = out[base + 2]
-            dt = self.mm_ta(y, dy)
-            dy_prev = self.mm_tb(dy, t)
-            if dz is None:
-                dz_prev = None
-            else:
-                dt = dt + self.mm_tb(dz, z)
-                dz_prev = self.mm_ta(t, dz)
-            dp = -0.5 * dt
-            dy = dy_prev + self.mm_ta(z, dp)
-            dz_from_p = self.mm_tb(dp, y)
-            dz = dz_from_p if dz_prev is None else dz_prev + dz_from_p
-        # Step 1: Y_1 = A T_1, Z_1 = T_1, T_1 = (3I - A)/2.
-        dt1 = self.mm_ta(an, dy)
-        if dz is not None:
-            dt1 = dt1 + dz
-        d_an = self.mm_tb(dy, t1) - 0.5 * dt1
-        # Pre-normalisation A = a / norm with norm = tr(a) + eps.
-        dnorm = dnorm - (d_an * an).sum(axis=(1, 2), keepdims=True) / norm
-        da = d_an / norm + dnorm * eye
+        # Post-compensation C = g Yh_N with g = -2 sqrt(norm): dg/dnorm = -1/sqrt(norm).
+        dy = dc * (-2.0 * sqrt_norm)
+        dnorm = -_frobenius(dc, out[-1]) / sqrt_norm
+        if n == 1:
+            # Yh_1 = Ah T_1, T_1 = 1.5I + Ah (Z_1 is not used).
+            d_ah = self.mm_tb(dy, t1) + self.mm_ta(ah, dy)
+        else:
+            # Reverse of steps N..2: T = 1.5I + Z Y, Y' = Y T, Z' = T Z with (Y, Z) = (Yh_{k-1}, Z_{k-1}):
+            # dT = Y^T dY' + dZ' Z^T, dY = dY' T^T + Z^T dT, dZ = T^T dZ' + dT Y^T (transpose these).
+            gy = None
+            gz = None
+            dz1 = None
+            for k in range(n, 1, -1):
+                base = 4 + 3 * (k - 2)
+                y = out[base]
+                z = out[base + 1]
+                t = out[base + 2]
+                if k == n:
+                    gt = self.mm_ta(dy, y)
+                    gy_prev = self.mm_tb(t, dy) + self.mm(gt, z)
+                else:
+                    gt = self.mm(gy, y) + self.mm(z, gz)
+                    gy_prev = self.mm(t, gy) + self.mm(gt, z)
+                if k > 2:
+                    gz = self.mm(y, gt) if k == n else self.mm(gz, t) + self.mm(y, gt)
+                else:
+                    dz1 = self.mm_tatb(gt, y) if k == n else self.mm_tatb(t, gz) + self.mm_tatb(gt, y)
+                gy = gy_prev
+            # Step 1: Yh_1 = Ah T_1, Z_1 = T_1, T_1 = 1.5I + Ah; dY_1 = gy^T.
+            d_ah = self.mm_tatb(gy, t1) + (self.mm_tatb(ah, gy) + dz1)
+        # Pre-normalisation Ah = -a / (2 norm), norm = tr(a) + eps: dAh/dnorm = -Ah / norm.
+        dnorm = dnorm - _frobenius(d_ah, ah) / norm
+        da = d_ah * (-0.5 / norm) + self.eye(d, d, ms.float32) * dnorm
         return (da,)
 
 
