@@ -383,3 +383,23 @@ def save_config(cfg, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+PATH_KEYS = ("config_path", "data_path", "output_path", "checkpoint_file_path", "resume_ckpt", "pre_trained",
+             "file_name")
+
+
+def enter_output_dir(cfg):
+    """Make every path absolute, then work inside output_path.
+
+    MindSpore drops files in the working folder (./abnormal_image.jpg for a corrupt JPEG, rank_0/
+    compile dumps): running from output_path keeps everything a run writes inside the folder the
+    user chose.
+    """
+    for key in PATH_KEYS:
+        value = getattr(cfg, key)
+        if value:
+            setattr(cfg, key, os.path.abspath(os.path.expanduser(value)))
+    os.makedirs(cfg.output_path, exist_ok=True)
+    os.chdir(cfg.output_path)
+    return cfg

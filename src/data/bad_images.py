@@ -289,3 +289,48 @@ class BadImageMonitor:
             self._count += 1
             self._pending.append(path)
         return True
+
+
+# Signatures of the formats MindSpore's Decode reads (JPEG, PNG, BMP, TIFF).
+_SIGNATURES = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+
+
+class UndecodableImageError(ValueError):
+    pass
+
+
+def image_guard(data):
+    """Pass the encoded image through, or raise for a file MindSpore's decoder must not see.
+
+    Raising here lets bad_image_mode replace/skip the sample and log its path. Two reasons:
+    MindSpore 2.8's decoder dies with SIGFPE (divide error in the data engine: the whole process
+    is killed) on a JPEG cut off between its frame header and its start-of-scan marker; and once
+    a Python op precedes the C++ decoder, the decoder's own failures no longer name the file.
+    So: empty files, unknown signatures (text, HTML, GIF/WebP, which the decoder would also copy
+    into the working folder) and such JPEGs are refused here. Cost: a few byte lookups a file.
+    """
+    buf = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
+    head = bytes(buf[:8])
+    if not any(head.startswith(sig) for sig in _SIGNATURES):
+        raise UndecodableImageError("empty file" if not len(buf) else "not a JPEG, PNG, BMP or TIFF image")
+    if head.startswith(b"\xff\xd8"):
+        _check_jpeg_header(buf)
+    return data
+
+
+def _check_jpeg_header(buf):
+    i, n = 2, len(buf)
+    while True:
+        if i + 4 > n:
+            raise UndecodableImageError("JPEG ends before its image data (truncated file)")
+        if buf[i] != 0xFF:
+            return  # not a marker: let the decoder judge
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan: the decoder copes with a cut from here on
+            return
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + (buf[i + 2] << 8 | buf[i + 3])

@@ -17,7 +17,7 @@ one pipeline serves both (src/evaluate.py).
 """
 import os
 
-from .bad_images import set_bad_image_mode
+from .bad_images import image_guard, set_bad_image_mode
 from .folder import DatasetError, image_extensions_all_cases, scan_image_folder
 
 # Aspect-ratio range of random resized crop (torchvision's and fast-MPN-COV's).
@@ -38,11 +38,12 @@ def train_ops(cfg):
     import mindspore.dataset.vision as vision
     s = int(cfg.image_size)
     if cfg.train_transform == "random_resized_crop":
-        ops = [vision.RandomCropDecodeResize((s, s), scale=tuple(cfg.crop_scale), ratio=CROP_RATIO)]
+        ops = [image_guard, vision.RandomCropDecodeResize((s, s), scale=tuple(cfg.crop_scale), ratio=CROP_RATIO)]
     elif cfg.train_transform == "resize_random_crop":
-        ops = [vision.Decode(), vision.Resize(_size(cfg.train_resize)), vision.RandomCrop(s, pad_if_needed=True)]
+        ops = [image_guard, vision.Decode(), vision.Resize(_size(cfg.train_resize)),
+               vision.RandomCrop(s, pad_if_needed=True)]
     elif cfg.train_transform == "resize_center_crop":
-        ops = [vision.Decode(), vision.Resize(_size(cfg.train_resize)), vision.CenterCrop(s)]
+        ops = [image_guard, vision.Decode(), vision.Resize(_size(cfg.train_resize)), vision.CenterCrop(s)]
     else:
         raise ValueError(f"unknown train_transform '{cfg.train_transform}'")
     if cfg.hflip:
@@ -54,7 +55,7 @@ def eval_ops(cfg):
     """The per-image C++ ops of evaluation: decode, resize, centre crop, normalise, CHW."""
     import mindspore.dataset.vision as vision
     s = int(cfg.image_size)
-    return [vision.Decode(), vision.Resize(_size(cfg.eval_resize)), vision.CenterCrop(s),
+    return [image_guard, vision.Decode(), vision.Resize(_size(cfg.eval_resize)), vision.CenterCrop(s),
             vision.Normalize(list(cfg.mean), list(cfg.std)), vision.HWC2CHW()]
 
 

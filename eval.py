@@ -1,0 +1,51 @@
+"""Evaluate a checkpoint on <data_path>/val: top-1, top-5, loss, parameters and FLOPs.
+
+    python eval.py --config_path=... --data_path=/path/to/imagenet --checkpoint_file_path=best.ckpt
+With no arguments it evaluates the demo run's best checkpoint (./output/ckpt/best.ckpt).
+"""
+import json
+import os
+import sys
+
+from src.cli import run_cli
+
+
+def main(argv=None):
+    from src.checkpoint import load_network
+    from src.config import enter_output_dir, load_config
+    from src.data import count_images, create_dataset, scan_image_folder, check_class_match
+    from src.distributed import init_distributed
+    from src.engine import shard_size
+    from src.evaluate import evaluate
+    from src.factory import build_network
+    from src.models import count_flops, count_params
+
+    cfg = enter_output_dir(load_config(argv))
+    dist = init_distributed(cfg)
+    ckpt = cfg.checkpoint_file_path or os.path.join(cfg.output_path, "ckpt", "best.ckpt")
+    val_dir = os.path.join(cfg.data_path, "val")
+    classes = scan_image_folder(val_dir)
+    dataset = create_dataset(val_dir, cfg, False, num_shards=dist.group_size, shard_id=dist.rank)
+    saved_classes = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "class_names.json")
+    if os.path.isfile(saved_classes):
+        with open(saved_classes) as f:
+            check_class_match(json.load(f), classes)
+    net = build_network(cfg)
+    load_network(net, ckpt, getattr(net, "classifier_prefix", "fc."))
+    metrics = evaluate(net, dataset, cfg.eval_flip_average, dist.distributed, progress=dist.is_main,
+                       num_samples=shard_size(sum(count_images(val_dir, classes).values()), dist))
+    flops = count_flops(net, cfg.image_size)
+    metrics.update(checkpoint=os.path.abspath(ckpt), params=count_params(net), macs=flops["total"])
+    if dist.is_main:
+        os.makedirs(cfg.output_path, exist_ok=True)
+        with open(os.path.join(cfg.output_path, "eval_metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        print(f"{cfg.arch} {cfg.head}: {metrics['params']:,} parameters, {flops['total'] / 1e9:.2f} G multiply-adds "
+              f"at {cfg.image_size}x{cfg.image_size}")
+        print(f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+              f"({metrics['num_images']} images, {ckpt})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

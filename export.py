@@ -1,0 +1,41 @@
+"""Export a checkpoint to MINDIR (or ONNX / AIR) for inference, input 1x3xSxS with S = image_size.
+
+    python export.py --config_path=... --checkpoint_file_path=best.ckpt --file_format=MINDIR
+"""
+import os
+import sys
+
+from src.cli import run_cli
+
+
+def main(argv=None):
+    import numpy as np
+    import mindspore as ms
+    from src.checkpoint import load_network
+    from src.config import enter_output_dir, load_config
+    from src.distributed import set_device
+    from src.factory import build_network
+
+    cfg = enter_output_dir(load_config(argv))
+    set_device(cfg.device_target, cfg.device_id, "GRAPH")
+    ckpt = cfg.checkpoint_file_path or os.path.join(cfg.output_path, "ckpt", "best.ckpt")
+    net = build_network(cfg)
+    load_network(net, ckpt, getattr(net, "classifier_prefix", "fc."))
+    net.set_train(False)
+    fmt = str(cfg.file_format).upper()
+    if fmt not in ("MINDIR", "ONNX", "AIR"):
+        raise ValueError(f"file_format must be MINDIR, ONNX or AIR, got '{cfg.file_format}'")
+    name = cfg.file_name or os.path.join(cfg.output_path, f"{cfg.arch}_{cfg.head}")
+    os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
+    dummy = ms.Tensor(np.zeros((1, 3, cfg.image_size, cfg.image_size), np.float32))
+    try:
+        ms.export(net, dummy, file_name=name, file_format=fmt)
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"MindSpore could not export this network as {fmt} ({first}); MINDIR is supported") from None
+    print(f"exported {name}.{fmt.lower()}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

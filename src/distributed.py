@@ -1,0 +1,114 @@
+"""One place that sets the device and, for --run_distribute=True, initialises collective communication.
+
+Launchers: ``mpirun`` (GPU: NCCL; Ascend: HCCL), ``msrun`` (any device, CPU included) and, on CPU
+under ``mpirun``, MindSpore's dynamic cluster started from the MPI ranks (MindSpore's own mpirun
+start-up supports GPU and Ascend only): rank 0 starts the scheduler process and MPI broadcasts its
+address, then every rank joins as a worker. Rank and group size always come from MindSpore.
+"""
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import mindspore as ms
+
+
+class DeviceError(RuntimeError):
+    """The requested device or launcher cannot be used; the message says what to do."""
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    group_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def set_device(device_target, device_id=0, mode="GRAPH"):
+    """Select the device and execution mode, failing with one clear line when it is not there."""
+    device_target = str(device_target)
+    if device_target not in ("CPU", "GPU", "Ascend"):
+        raise DeviceError(f"device_target must be CPU, GPU or Ascend, got '{device_target}'")
+    ms.set_context(mode=ms.GRAPH_MODE if str(mode).upper() == "GRAPH" else ms.PYNATIVE_MODE)
+    try:
+        if device_target == "CPU":
+            ms.set_device(device_target)
+        else:
+            ms.set_device(device_target, device_id)
+        ms.Tensor([1.0]) + 1  # the device loads lazily: force it here so the error is ours
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DeviceError(f"device_target {device_target} is not available here ({first}). Use "
+                          "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up from README.md") from None
+
+
+def _under_mpirun():
+    return "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+_SCHEDULER = None
+
+
+def _start_cpu_cluster_from_mpi():
+    """Join MindSpore's dynamic cluster from MPI ranks; rank 0 also runs the scheduler process."""
+    global _SCHEDULER
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DeviceError("mpirun on CPU needs mpi4py (pip install mpi4py), or launch with msrun") from None
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    address = None
+    if rank == 0:
+        host = os.environ.get("MS_SCHED_HOST") or socket.gethostbyname(socket.gethostname())
+        if size == int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", size)):
+            host = "127.0.0.1"  # all ranks on this machine
+        address = (host, int(os.environ.get("MS_SCHED_PORT") or _free_port()))
+    host, port = comm.bcast(address, root=0)
+    common = {"MS_WORKER_NUM": str(size), "MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port)}
+    if rank == 0:
+        env = dict(os.environ, MS_ROLE="MS_SCHED", **common)
+        for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PMI_"))]:
+            del env[key]  # the scheduler is not an MPI process
+        _SCHEDULER = subprocess.Popen(
+            [sys.executable, "-c", "from mindspore.communication import init; init()"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(common, MS_ROLE="MS_WORKER", MS_NODE_ID=str(rank))
+
+
+def init_distributed(cfg):
+    """Set the device, then (with cfg.run_distribute) initialise communication once and data parallelism."""
+    set_device(cfg.device_target, cfg.device_id, cfg.mode)
+    if not cfg.run_distribute:
+        return DistInfo()
+    from mindspore.communication import init, get_rank, get_group_size
+    if cfg.device_target == "CPU" and _under_mpirun() and "MS_ROLE" not in os.environ:
+        _start_cpu_cluster_from_mpi()
+    elif "MS_ROLE" not in os.environ and not _under_mpirun() and cfg.device_target == "CPU":
+        raise DeviceError("--run_distribute=True on CPU needs a launcher: msrun --worker_num=N "
+                          "--local_worker_num=N train.py ..., or mpirun -n N python train.py ...")
+    try:
+        init()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DeviceError(f"collective communication failed to start ({first}); launch with mpirun or "
+                          "msrun (see scripts/run_distribute_train_gpu.sh)") from None
+    rank, group_size = get_rank(), get_group_size()
+    if cfg.device_num != group_size:
+        raise DeviceError(f"--device_num={cfg.device_num} but the launcher started {group_size} processes: "
+                          f"pass --device_num={group_size} (or start {cfg.device_num} processes)")
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=group_size)
+    return DistInfo(rank=rank, group_size=group_size, distributed=True)

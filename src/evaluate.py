@@ -1,0 +1,82 @@
+"""Top-1 / top-5 / loss over a dataset, optionally averaging the logits of each image and its
+horizontal flip; sharded over ranks with the sums all-reduced."""
+import sys
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+
+class EvalNet(nn.Cell):
+    """Eval-mode logits (float32), averaged with the flipped image's when ``flip_average``."""
+
+    def __init__(self, net, flip_average=False):
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.flip_average = flip_average
+
+    def construct(self, images):
+        logits = ops.cast(self.net(images), ms.float32)
+        if self.flip_average:
+            logits = 0.5 * (logits + ops.cast(self.net(ops.flip(images, (3,))), ms.float32))
+        return logits
+
+
+class _AllReduceSum(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.op = ops.AllReduce()
+
+    def construct(self, x):
+        return self.op(x)
+
+
+def batch_stats(logits, labels):
+    """(loss sum, top-1 hits, top-5 hits) of one batch, in float64 on the host."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_prob[np.arange(len(labels)), labels].sum()
+    k = min(5, logits.shape[1])
+    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    top1 = (logits.argmax(axis=1) == labels).sum()
+    top5 = (topk == labels[:, None]).any(axis=1).sum()
+    return np.array([loss, top1, top5, len(labels)], np.float64)
+
+
+def evaluate(net, dataset, flip_average=False, distributed=False, progress=False, num_samples=None):
+    """Metrics as fractions: {'top1', 'top5', 'loss', 'num_images'} over the whole (sharded) dataset.
+
+    ``num_samples``: count only the first this many images of this rank's stream (the rest are the
+    repeats MindSpore pads a shard with)."""
+    net.set_train(False)
+    eval_net = EvalNet(net, flip_average)
+    totals = np.zeros(4, np.float64)
+    steps = dataset.get_dataset_size()
+    start = time.time()
+    for i, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
+        logits = eval_net(images).asnumpy()
+        labels = labels.asnumpy().astype(np.int64)
+        if num_samples is not None:
+            keep = max(0, min(len(labels), num_samples - int(totals[3])))
+            logits, labels = logits[:keep], labels[:keep]
+        if len(labels):
+            totals += batch_stats(logits, labels)
+        if progress:
+            _progress(i + 1, steps, start)
+    if distributed:
+        totals = _AllReduceSum()(ms.Tensor(totals.astype(np.float32))).asnumpy().astype(np.float64)
+    net.set_train(True)
+    n = max(totals[3], 1.0)
+    return {"top1": totals[1] / n, "top5": totals[2] / n, "loss": totals[0] / n, "num_images": int(totals[3])}
+
+
+def _progress(done, total, start, width=30):
+    frac = done / max(total, 1)
+    rate = done / max(time.time() - start, 1e-9)
+    bar = "#" * int(width * frac) + "." * (width - int(width * frac))
+    sys.stderr.write(f"\r[{bar}] {done}/{total} batches {rate:.1f} it/s")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

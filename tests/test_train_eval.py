@@ -1,0 +1,79 @@
+"""End to end: train.py then eval.py as subprocesses on a tiny folder; resume after SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from tests.helpers import ENV, ROOT, make_image_folder, run_script, tiny_flags
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+def _weights(path):
+    params = ms.load_checkpoint(path)
+    return {k: v.asnumpy() for k, v in params.items() if not k.startswith(("moments.", "learning_rate"))
+            and hasattr(v, "asnumpy") and v.asnumpy().size > 1}
+
+
+def test_train_then_eval_writes_everything(data, tmp_path):
+    out = str(tmp_path / "out")
+    run_script("train.py", tiny_flags(data, out), cwd=tmp_path)
+    ckpt = os.path.join(out, "ckpt")
+    for name in ("latest.ckpt", "best.ckpt", "epoch_002.ckpt", "config.yaml", "class_names.json"):
+        assert os.path.isfile(os.path.join(ckpt, name)), name
+    assert not os.path.exists(os.path.join(ckpt, "epoch_001.ckpt"))  # keep_checkpoint_max=1
+    assert json.load(open(os.path.join(ckpt, "class_names.json"))) == ["class_0", "class_1", "class_2"]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert np.isfinite(r["train_loss"]) and 0 <= r["val_top1"] <= r["val_top5"] <= 1
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    log = open(os.path.join(out, "logs", "rank_0.log")).read()
+    assert "img/s" in log and "eta" in log and "val top-1" in log
+
+    ev = run_script("eval.py", tiny_flags(data, out), cwd=tmp_path)
+    metrics = json.load(open(os.path.join(out, "eval_metrics.json")))
+    assert {"top1", "top5", "loss", "num_images"} <= set(metrics)
+    assert metrics["num_images"] == 12
+    best = max(rows, key=lambda r: r["val_top1"])  # best.ckpt is the epoch with the best top-1
+    assert metrics["top1"] == pytest.approx(best["val_top1"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+    assert "parameters" in ev.stdout and "top-1" in ev.stdout
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(data, tmp_path):
+    flags = dict(epoch_size=2, lr=0.02)
+    full = str(tmp_path / "full")
+    run_script("train.py", tiny_flags(data, full, **flags), cwd=tmp_path)
+
+    cut = str(tmp_path / "cut")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + tiny_flags(data, cut, **flags)
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # stop it inside the first epoch, right after its second step
+        lines.append(line)
+        if "epoch 1/2 step 2/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert "--resume_ckpt=" in rest
+    latest = os.path.join(cut, "ckpt", "latest.ckpt")
+    meta = ms.load_checkpoint(latest)
+    assert int(meta["epoch"].asnumpy()) == 0 and 2 <= int(meta["step_in_epoch"].asnumpy()) < 6
+
+    run_script("train.py", tiny_flags(data, cut, resume_ckpt=latest, **flags), cwd=tmp_path)
+    a, b = _weights(os.path.join(full, "ckpt", "latest.ckpt")), _weights(latest)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)

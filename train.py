@@ -1,0 +1,24 @@
+"""Train an iSQRT-COV (or GAP) ResNet. With no arguments: the CPU demo on handwritten digits.
+
+    python train.py --config_path=./config/resnet50_imagenet2012_config.yaml --device_target=GPU \
+        --data_path=/path/to/imagenet --output_path=./output
+    mpirun -n 4 python train.py ... --run_distribute=True --device_num=4
+"""
+import os
+import sys
+
+from src.cli import run_cli
+
+
+def main(argv=None):
+    from src.config import enter_output_dir, load_config
+    from src.data.bad_images import DATASET_WARNINGS_ENV
+    cfg = enter_output_dir(load_config(argv))
+    os.environ.setdefault(*DATASET_WARNINGS_ENV)  # before mindspore: its warnings name bad files
+    from src.engine import Trainer
+    Trainer(cfg).fit()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
