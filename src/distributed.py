@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import mindspore as ms
@@ -84,7 +85,24 @@ def _start_cpu_cluster_from_mpi():
         _SCHEDULER = subprocess.Popen(
             [sys.executable, "-c", "from mindspore.communication import init; init()"], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_listening(host, port, _SCHEDULER)
+    # Workers that dial before the scheduler listens fall into MindSpore's slow reconnect loop
+    # (25-60 s here): everyone waits for rank 0 to see the scheduler's port open.
+    comm.Barrier()
     os.environ.update(common, MS_ROLE="MS_WORKER", MS_NODE_ID=str(rank))
+
+
+def _wait_listening(host, port, proc, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise DeviceError(f"MindSpore's scheduler process exited with code {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise DeviceError(f"MindSpore's scheduler did not open {host}:{port} within {seconds} s")
 
 
 def init_distributed(cfg):

@@ -48,10 +48,10 @@ def test_bad_images_are_replaced_and_reported_once(tmp_path):
     out = str(tmp_path / "out")
     proc = run_script("train.py", tiny_flags(data, out, epoch_size=2), cwd=tmp_path)
     log = proc.stdout
-    for name in ("zero.jpg", "text.jpg", "truncated_header.jpg"):
+    for name in ("zero.jpg", "text.jpg", "truncated_header.jpg", "truncated.jpg"):
         assert sum(f"undecodable image (replaced): {os.path.join(cls, name)}" in line
                    for line in log.splitlines()) == 1, log[-3000:]
-    assert "epoch 1: 3 undecodable image(s) replaced" in log and "epoch 2: 3 undecodable image(s) replaced" in log
+    assert "epoch 1: 4 undecodable image(s) replaced" in log and "epoch 2: 4 undecodable image(s) replaced" in log
     assert "val top-1" in log
     assert not [f for f in os.listdir(tmp_path) if f not in ("data", "out")], os.listdir(tmp_path)
 
@@ -59,7 +59,7 @@ def test_bad_images_are_replaced_and_reported_once(tmp_path):
                            capture_output=True, text=True, env=ENV)
     assert check.returncode == 1
     listed = {line.split(": ")[0] for line in check.stdout.splitlines() if line.startswith(data)}
-    assert {os.path.join(cls, n) for n in ("zero.jpg", "text.jpg", "truncated_header.jpg")} <= listed
+    assert {os.path.join(cls, n) for n in ("zero.jpg", "text.jpg", "truncated_header.jpg", "truncated.jpg")} <= listed
 
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_path):

@@ -295,6 +295,10 @@ class BadImageMonitor:
 _SIGNATURES = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 
 
+# Bytes at the end of a JPEG searched for its end marker (some writers pad after it).
+JPEG_TAIL = 4096
+
+
 class UndecodableImageError(ValueError):
     pass
 
@@ -307,7 +311,9 @@ def image_guard(data):
     is killed) on a JPEG cut off between its frame header and its start-of-scan marker; and once
     a Python op precedes the C++ decoder, the decoder's own failures no longer name the file.
     So: empty files, unknown signatures (text, HTML, GIF/WebP, which the decoder would also copy
-    into the working folder) and such JPEGs are refused here. Cost: a few byte lookups a file.
+    into the working folder), JPEGs cut before their image data, and JPEGs without their end
+    marker (cut in the image data: the decoder may fill them with grey or fail without naming the
+    file) are refused here. Cost: a few byte lookups a file.
     """
     buf = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
     head = bytes(buf[:8])
@@ -315,6 +321,8 @@ def image_guard(data):
         raise UndecodableImageError("empty file" if not len(buf) else "not a JPEG, PNG, BMP or TIFF image")
     if head.startswith(b"\xff\xd8"):
         _check_jpeg_header(buf)
+        if bytes(buf[-JPEG_TAIL:]).rfind(b"\xff\xd9") < 0:  # FF D9 cannot occur inside scan data
+            raise UndecodableImageError("JPEG has no end marker (truncated file)")
     return data
 
 
