@@ -120,6 +120,8 @@ def init_distributed(cfg):
         init()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
+        if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler returns here when the job ends
+            raise DeviceError(f"the distributed job failed ({first})") from None
         raise DeviceError(f"collective communication failed to start ({first}); launch with mpirun or "
                           "msrun (see scripts/run_distribute_train_gpu.sh)") from None
     rank, group_size = get_rank(), get_group_size()

@@ -1,6 +1,8 @@
 """Data parallelism on CPU: mpirun (the seed's launcher) and msrun, two processes each."""
 import os
 import random
+import signal
+import time
 import subprocess
 import sys
 
@@ -123,3 +125,46 @@ def test_launcher_scripts_check_their_arguments(script, tmp_path, data):
                 "run_finetune_gpu.sh": [data, config, config, "x"]}[script]
         nan = subprocess.run(["bash", path] + args, capture_output=True, text=True)
         assert nan.returncode == 1 and "not a positive integer" in nan.stdout
+
+
+def _rank_pid(rank):
+    """PID of the train.py process of ``rank`` (mpirun and msrun both export the rank)."""
+    for pid in subprocess.run(["pgrep", "-f", "train.py --config_path"], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env or (
+                f"RANK_ID={rank}".encode() in env and b"MS_ROLE=MS_WORKER" in env):
+            return int(pid)
+    return None
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "msrun"])
+def test_a_dead_rank_stops_the_job_and_is_named(tmp_path, launcher):
+    data = make_image_folder(str(tmp_path / "data"), train_per_class=40, val_per_class=1, size=24)
+    out = str(tmp_path / "out")
+    cmd = (MPIRUN + [sys.executable] if launcher == "mpirun" else _msrun(str(tmp_path / "mslog"))) + \
+        [os.path.join(ROOT, "train.py")] + tiny_flags(data, out, run_distribute=True, device_num=2, batch_size=4,
+                                                      epoch_size=50)
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log1 = os.path.join(out, "logs", "rank_1.log")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(log1) and "step 2/" in open(log1).read()):
+        time.sleep(0.5)
+    pid = _rank_pid(1)
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    try:
+        output = proc.communicate(timeout=150)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - killed < 120
+    if launcher == "mpirun":
+        assert "process rank 1" in output and "signal 9" in output
+    else:
+        assert "worker 1 is the first one timed out" in output or "exit with exception. Error code: -9" in output
