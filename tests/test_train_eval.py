@@ -77,3 +77,22 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):
+    out = str(tmp_path / "out")
+    run_script("train.py", tiny_flags(data, out, epoch_size=1), cwd=tmp_path)
+    run_script("export.py", tiny_flags(data, out), cwd=tmp_path)
+    mindir = os.path.join(out, "resnet18_isqrt_cov.mindir")
+    assert os.path.isfile(mindir)
+    onnx = run_script("export.py", tiny_flags(data, out, file_format="ONNX"), cwd=tmp_path, check=False)
+    assert onnx.returncode == 0 or onnx.stderr.startswith("error: MindSpore could not export this network as ONNX")
+
+    from src.checkpoint import load_network
+    from src.models import create_model
+    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16)
+    load_network(net, os.path.join(out, "ckpt", "best.ckpt"))
+    net.set_train(False)
+    x = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    exported = ms.nn.GraphCell(ms.load(mindir))
+    np.testing.assert_allclose(exported(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
