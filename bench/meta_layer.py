@@ -10,7 +10,8 @@ output is really computed), for:
   torch_ns           the same iteration in PyTorch with autograd (bench/peers/torch_isqrt.py)
   torch_eigh         torch.linalg.eigh square root, for information
 Methods are timed round-robin (load from other processes hits all alike); the median and the
-minimum of --repeats runs after --warmup are reported. In the same run MindSpore's BatchMatMul
+minimum of --repeats runs after --warmup are reported, and ratios to ms_explicit as ratio of
+medians, of minima and median of the per-round ratios ("paired"). In the same run MindSpore's BatchMatMul
 rate is measured on a graph of 12 chained (B, d, d) products (the forward's count; one graph
 launch spread over 12), and the meta-layer's rate counts what the method performs: forward and
 backward products (2x forward) and the covariance with its backward. Both frameworks get the
@@ -157,7 +158,30 @@ def parse_args(argv=None):
                    help="CPU threads for both MindSpore kernels and PyTorch (default: all cores)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "meta_layer.json"))
+    p.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     return p.parse_args(argv)
+
+
+def markdown_table(result):
+    """The result as a Markdown table (for the README)."""
+    c, mm = result["config"], result["matmul"]
+    lines = [f"Forward+backward, B={c['batch']}, C={c['dim']}, {c['hw']}x{c['hw']}, iter_num={c['iter_num']}, "
+             f"GRAPH_MODE, {c['threads']} threads, MindSpore {c['mindspore']}, PyTorch {c['torch']}; "
+             f"median (min) of {c['repeats']} runs.",
+             "",
+             "| method | median ms | min ms | GFLOP/s | time / explicit | finite grad | |",
+             "|---|---:|---:|---:|---:|:---:|---|"]
+    ref = result["methods"].get("ms_explicit", {}).get("median_ms")
+    for name, e in result["methods"].items():
+        rate = f"{e['gflops']:.0f}" if "gflops" in e else "-"
+        relt = f"{e['median_ms'] / ref:.2f}" if ref else "-"
+        lines.append(f"| {name} | {e['median_ms']:.0f} | {e['min_ms']:.0f} | {rate} | {relt} | "
+                     f"{'yes' if e['finite'] else 'no'} | {e['note']} |")
+    lines += ["", f"BatchMatMul ({mm['shape'][0]}, {mm['shape'][1]}, {mm['shape'][2]}) x same, "
+              f"{mm['chained_products']} chained in one graph: {mm['median_ms']:.2f} ms per product, "
+              f"{mm['gflops']:.0f} GFLOP/s. One step counts {result['gflop_per_step']:.1f} GFLOP "
+              f"({result['products']['forward']} + {result['products']['backward']} products and the covariance)."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -242,7 +266,8 @@ def main(argv=None):
         loss, grad = first[name]
         entry = {"median_ms": med[name] * 1e3, "min_ms": best[name] * 1e3,
                  "times_ms": [t * 1e3 for t in times[name]], "first_call_s": compile_s[name],
-                 "finite": bool(np.isfinite(grad).all() and np.isfinite(loss).all()), "note": NOTES[name]}
+                 "finite": bool(np.isfinite(grad).all() and np.isfinite(loss).all()),
+                 "grad_max_abs": float(np.abs(grad).max()), "note": NOTES[name]}
         if ref_grad is not None and name != "ms_explicit" and entry["finite"]:
             entry["grad_rel_diff_vs_explicit"] = float(np.abs(grad - ref_grad).max() / np.abs(ref_grad).max())
         if name in COUNTED:
@@ -258,6 +283,9 @@ def main(argv=None):
             if other != "ms_explicit":
                 ratios[f"explicit_over_{other}"] = med["ms_explicit"] / med[other]
                 ratios[f"explicit_over_{other}_min"] = best["ms_explicit"] / best[other]
+                # Per-round ratios (the two ran seconds apart): robust to slow load changes.
+                ratios[f"explicit_over_{other}_paired"] = float(np.median(
+                    np.array(times["ms_explicit"]) / np.array(times[other])))
         if "torch_ns" in med:
             targets["explicit_over_torch_ns<=0.65"] = ratios["explicit_over_torch_ns"] <= 0.65
         if "ms_autodiff" in med:
@@ -275,8 +303,10 @@ def main(argv=None):
     print(f"BatchMatMul {b}x{d}x{d}x{d}: {mm_med * 1e3:.2f} ms ({mm_best * 1e3:.2f} min), {mm_gflops:.1f} GFLOP/s; "
           f"{flop / 1e9:.2f} GFLOP per step ({fwd_p} + {bwd_p} products + covariance)")
     for k, v in ratios.items():
-        if not k.endswith("_min"):
-            print(f"{k}: {v:.3f} (min-based {ratios.get(k + '_min', v):.3f})")
+        if not k.endswith(("_min", "_paired")):
+            extra = "".join(f", {kind} {ratios[k + '_' + kind]:.3f}" for kind in ("min", "paired")
+                            if k + "_" + kind in ratios)
+            print(f"{k}: {v:.3f}{' (' + extra[2:] + ')' if extra else ''}")
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'MISSED'}")
 
@@ -286,6 +316,10 @@ def main(argv=None):
         json.dump(result, f, indent=1)
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(result))
+        print(f"wrote {args.markdown}")
     return result
 
 
