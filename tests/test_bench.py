@@ -1,0 +1,85 @@
+"""The benchmark scripts run on a tiny size and write the JSON their README tables are made from.
+
+They are benchmarks, not timed tests: nothing here asserts a speed, only that each script runs
+end to end (MindSpore, the PyTorch peer, the data pipelines) and reports consistent numbers.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from data_pipeline import RATIO, SCALE, random_resized_crop_box  # noqa: E402
+
+
+def _run(script, args, tmp_path):
+    out = tmp_path / "result.json"
+    env = dict(os.environ, GLOG_v="3")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script)] + args + ["--out", str(out)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_train_step_tiny(tmp_path):
+    r = _run("train_step.py", ["--archs", "resnet18:isqrt_cov,resnet18:gap", "--batch", "2", "--image_size", "32",
+                               "--num_classes", "4", "--steps", "1", "--warmup", "0", "--matmul_size", "256"], tmp_path)
+    assert r["config"]["batch"] == 2 and r["config"]["mode"] == "GRAPH_MODE"
+    assert r["matmul"]["reference_gflops"] == max(r["matmul"]["mindspore"]["gflops"], r["matmul"]["torch"]["gflops"])
+    for name in ("resnet18_isqrt_cov", "resnet18_gap"):
+        e = r["networks"][name]
+        # The PyTorch peer is the same network: the same number of trainable parameters.
+        assert e["params"] == e["torch_params"] > 0
+        assert e["train_gflop_per_image"] == pytest.approx(6 * e["macs_per_image"]["total"] / 1e9)
+        for fw in ("mindspore", "torch"):
+            assert e[fw]["images_per_s"] == pytest.approx(2 / e[fw]["median_s"])
+            assert 0 < e[fw]["fraction_of_matmul_rate"] == pytest.approx(
+                e[fw]["achieved_gflops"] / r["matmul"]["reference_gflops"])
+        assert e["mindspore_over_torch_images_per_s"] == pytest.approx(
+            e["mindspore"]["images_per_s"] / e["torch"]["images_per_s"])
+        assert e["mindspore_over_torch_min"] == pytest.approx(e["torch"]["min_s"] / e["mindspore"]["min_s"])
+        assert e["mindspore_over_torch_per_round"] > 0
+    assert r["networks"]["resnet18_isqrt_cov"]["macs_per_image"]["meta"] > 0
+    assert r["networks"]["resnet18_gap"]["macs_per_image"]["meta"] == 0
+    assert set(r["ratios"]) == {"resnet18_isqrt_over_gap_flops", "resnet18_isqrt_over_gap_time_mindspore",
+                                "resnet18_isqrt_over_gap_time_torch", "resnet18_isqrt_over_gap_time_mindspore_min",
+                                "resnet18_isqrt_over_gap_time_torch_min"}
+    assert set(r["targets_met"]) == {"resnet18_isqrt_cost_over_gap<=flops_ratio",
+                                     "resnet18_isqrt_mindspore_over_torch>=1.25"}
+
+
+def test_data_pipeline_tiny(tmp_path):
+    r = _run("data_pipeline.py", ["--images", "16", "--batch", "4", "--workers", "1", "--repeats", "1",
+                                  "--data_dir", str(tmp_path / "jpegs")], tmp_path)
+    assert r["config"]["images"] == 16 and r["config"]["workers"] == [1]
+    for pipeline in ("project", "pillow"):
+        e = r["pipelines"][pipeline]["1"]
+        assert e["images_per_epoch"] == 16 and e["images_per_s"] > 0 and e["steady_images_per_s"] > 0
+    assert set(r["project_over_pillow"]) == {"1"}
+    jpegs = [f for _, _, files in os.walk(tmp_path / "jpegs") for f in files]
+    assert len(jpegs) == 16 and all(f.endswith(".jpg") for f in jpegs)
+
+
+def test_random_resized_crop_box_stays_inside_and_in_range():
+    """The Pillow peer's crop follows torchvision's sampling: inside the image, area fraction in
+    SCALE and aspect ratio in RATIO (up to rounding to whole pixels), or the clamped centre crop."""
+    rng = random.Random(0)
+    for width, height in ((500, 375), (375, 500), (64, 48), (1000, 100)):
+        for _ in range(300):
+            x0, y0, x1, y1 = random_resized_crop_box(width, height, rng)
+            w, h = x1 - x0, y1 - y0
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+            fallback = (w == width or h == height) and (x0, y0) == ((width - w) // 2, (height - h) // 2)
+            if not fallback:
+                assert SCALE[0] * 0.9 <= w * h / (width * height) <= SCALE[1]
+                assert RATIO[0] * 0.9 <= w / h <= RATIO[1] * 1.1
+    # A very wide image rarely fits a sampled crop: the fallback is the centre crop at ratio 4/3.
+    x0, y0, x1, y1 = random_resized_crop_box(1000, 10, random.Random(1))
+    assert (y0, y1) == (0, 10) and math.isclose((x1 - x0) / 10, RATIO[1], rel_tol=0.1)
