@@ -9,12 +9,7 @@ from src.isqrt_cov import num_products
 from src.models.resnet import batch_norm
 
 
-@pytest.fixture(autouse=True)
-def pynative():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=mode)
+pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 def _input(batch, size, seed=0):
