@@ -13,9 +13,9 @@ from src.cli import run_cli
 def main(argv=None):
     from src.checkpoint import load_network
     from src.config import enter_output_dir, load_config
-    from src.data import count_images, create_dataset, scan_image_folder, check_class_match
+    from src.data import create_dataset, scan_image_folder, check_class_match
     from src.distributed import init_distributed
-    from src.engine import shard_size
+    from src.engine import shard_samples
     from src.evaluate import evaluate
     from src.factory import build_network
     from src.models import count_flops, count_params
@@ -33,7 +33,7 @@ def main(argv=None):
     net = build_network(cfg)
     load_network(net, ckpt, getattr(net, "classifier_prefix", "fc."))
     metrics = evaluate(net, dataset, cfg.eval_flip_average, dist.distributed, progress=dist.is_main,
-                       num_samples=shard_size(sum(count_images(val_dir, classes).values()), dist))
+                       num_samples=shard_samples(val_dir, classes, dist))
     flops = count_flops(net, cfg.image_size)
     metrics.update(checkpoint=os.path.abspath(ckpt), params=count_params(net), macs=flops["total"])
     if dist.is_main:

@@ -14,7 +14,6 @@ crops, resized to 500x375 (an average ImageNet photo) and saved as JPEG quality 
     python bench/data_pipeline.py --images 32 --workers 1 --repeats 1 --out /tmp/d.json
 """
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -244,11 +243,8 @@ def main(argv=None):
     for w in workers:
         print(f"{w:>7} " + " ".join(f"{results[p][str(w)]['images_per_s']:14.1f} "
                                     f"{results[p][str(w)]['steady_images_per_s']:15.1f}" for p in pipelines))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = args.out + ".tmp"
-    with open(tmp_out, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp_out, args.out)
+    from src.run_log import write_json
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -21,7 +21,6 @@ same thread count.
     python bench/meta_layer.py --batch 2 --dim 8 --hw 3 --repeats 1 --warmup 0 --out /tmp/m.json
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -310,11 +309,8 @@ def main(argv=None):
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'MISSED'}")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    from src.run_log import write_json
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -16,7 +16,6 @@ multiply-adds, 2 FLOP each).
         --num_classes 10 --steps 1 --warmup 0 --no_torch --out /tmp/t.json
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -380,11 +379,8 @@ def main(argv=None):
         result["profile"].update({key: {"median_ms": med[key] * 1e3} for key in runners if key.endswith(":step")})
 
     _print(result, med, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+    from src.run_log import write_json
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

@@ -4,13 +4,14 @@ Atomic writes matter because a job killed while writing must leave the previous 
 every file is written to a temporary name in the same folder, flushed, then renamed over the old one.
 """
 import glob
-import json
 import os
 import re
 import time
 
 import numpy as np
 import mindspore as ms
+
+from src.run_log import write_json
 
 
 # Test hook: seconds to wait between writing the temporary file and renaming it, so a test can
@@ -188,7 +189,4 @@ class CheckpointManager:
 
     def write_json(self, name, obj):
         if self.enabled:
-            tmp = os.path.join(self.dir, f".{name}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(obj, f, indent=1)
-            os.replace(tmp, os.path.join(self.dir, name))
+            write_json(os.path.join(self.dir, name), obj)

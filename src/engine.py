@@ -49,8 +49,10 @@ class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss); the message says where and why."""
 
 
-def shard_size(total, dist):
-    """Real (unpadded) samples of rank ``dist.rank`` when ``total`` samples are dealt round-robin."""
+def shard_samples(split_dir, classes, dist):
+    """Real images of rank ``dist.rank``'s shard: MindSpore deals samples round-robin and pads
+    shards to equal length with repeats, which evaluation must not count."""
+    total = sum(count_images(split_dir, classes).values())
     return len(range(dist.rank, total, dist.group_size))
 
 
@@ -84,11 +86,6 @@ class Trainer:
         return create_dataset(split, self.cfg, training, num_shards=self.dist.group_size,
                               shard_id=self.dist.rank, seed=self.cfg.seed + epoch)
 
-    def _shard_samples(self, split_dir):
-        """Images of this rank's shard: MindSpore pads shards to equal length with repeats, which
-        evaluation must not count."""
-        return shard_size(sum(count_images(split_dir, self.classes).values()), self.dist)
-
     def _build(self):
         cfg = self.cfg
         self.net = build_network(cfg)
@@ -117,11 +114,14 @@ class Trainer:
             meta["top1"] = float(top1)
         return meta
 
-    def _save_latest(self, epoch, step_in_epoch):
+    def _can_save(self):
+        """Rank 0 writes, and never non-finite weights (one pass over the parameters)."""
+        if not self.dist.is_main:
+            return False
         if not all_finite(self.net):
-            self.log.error("weights are not finite: latest.ckpt left as it was")
-            return
-        self.ckpt.save_latest(self.train_step, self._meta(epoch, step_in_epoch))
+            self.log.error("weights are not finite: checkpoints left as they were")
+            return False
+        return True
 
     # ----------------------------------------------------------------- run
     def fit(self):
@@ -205,7 +205,8 @@ class Trainer:
                               f"loss {loss:.4f} lr {self.lr[global_step]:.6f} {ips:.1f} img/s eta {format_eta(eta)}")
                 tick, tick_step = now, step + 1
             if self.stop_signal is not None:
-                self._save_latest(epoch, step + 1)
+                if self._can_save():
+                    self.ckpt.save_latest(self.train_step, self._meta(epoch, step + 1))
                 self.log.info(f"signal {self.stop_signal}: saved {self.ckpt.latest} at epoch {epoch + 1} "
                               f"step {step + 1}; continue with --resume_ckpt={self.ckpt.latest}")
                 raise SystemExit(128 + self.stop_signal)
@@ -224,18 +225,19 @@ class Trainer:
         top1 = None
         if self.has_val and ((epoch + 1) % cfg.eval_interval == 0 or last):
             m = evaluate(self.net, self._dataset(False), cfg.eval_flip_average, self.dist.distributed,
-                         num_samples=self._shard_samples(self.val_dir))
+                         num_samples=shard_samples(self.val_dir, self.classes, self.dist))
             top1 = m["top1"]
             row.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
             self.log.info(f"epoch {epoch + 1}: val top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "
                           f"loss {m['loss']:.4f} ({m['num_images']} images)")
-        if top1 is not None and top1 > self.best_top1:
+        improved = top1 is not None and top1 > self.best_top1
+        if improved:
             self.best_top1 = top1
-            if all_finite(self.net):
-                self.ckpt.save_best(self.net, self._meta(epoch, self.steps_per_epoch, top1))
-        self._save_latest(epoch, self.steps_per_epoch)
-        if cfg.save_every_epochs > 0 and (epoch + 1) % cfg.save_every_epochs == 0:
-            self.ckpt.save_epoch(self.net, epoch + 1, self._meta(epoch, self.steps_per_epoch, top1))
-        if not self.has_val and all_finite(self.net):
-            self.ckpt.save_best(self.net, self._meta(epoch, self.steps_per_epoch))  # no val set: best = last
+        if self._can_save():
+            meta = self._meta(epoch, self.steps_per_epoch, top1)
+            if improved or not self.has_val:  # no val set: best = last
+                self.ckpt.save_best(self.net, meta)
+            self.ckpt.save_latest(self.train_step, meta)
+            if cfg.save_every_epochs > 0 and (epoch + 1) % cfg.save_every_epochs == 0:
+                self.ckpt.save_epoch(self.net, epoch + 1, meta)
         self.metrics.add(row)

@@ -5,6 +5,16 @@ import os
 import sys
 
 
+def write_json(path, obj):
+    """Write ``obj`` as JSON to ``path`` atomically (temporary file, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp{os.getpid()}.{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def setup_logger(output_path, rank, to_file=True):
     """Console + <output_path>/logs/rank_<r>.log for every rank: each rank logs to its own file."""
     logger = logging.getLogger("isqrt_cov")
