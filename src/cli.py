@@ -16,4 +16,5 @@ def run_cli(main):
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         sys.stderr.write(f"error: {msg}\n")
         sys.exit(2 if not isinstance(exc, TrainingStopped) else 3)
-    sys.exit(code or 0)
+    from src.distributed import exit_process
+    exit_process(code or 0)

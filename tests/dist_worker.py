@@ -18,7 +18,7 @@ from mindspore import nn  # noqa: E402
 
 from src.config import load_config  # noqa: E402
 from src.data import create_dataset  # noqa: E402
-from src.distributed import init_distributed  # noqa: E402
+from src.distributed import exit_process, init_distributed  # noqa: E402
 from src.factory import build_optimizer, build_train_step  # noqa: E402
 from src.isqrt_cov import ISqrtCov  # noqa: E402
 
@@ -59,3 +59,4 @@ def main(data_path, out_dir, run_distribute, device_num):
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    exit_process(0)

@@ -78,6 +78,10 @@ def test_train_py_data_parallel(data, tmp_path, launcher):
     assert os.path.isfile(os.path.join(out, "ckpt", "latest.ckpt"))
     log0 = open(os.path.join(out, "logs", "rank_0.log")).read()
     assert "2 device(s) x batch 4" in log0 and "val top-1" in log0
+    if launcher == "mpirun":  # rank 0 stops the scheduler it started (src.distributed.exit_process)
+        left = subprocess.run(["pgrep", "-f", "from mindspore.communication import init; init()"],
+                              capture_output=True, text=True)
+        assert left.stdout.strip() == "", left.stdout
 
 
 def test_device_num_mismatch_is_refused(data, tmp_path):
