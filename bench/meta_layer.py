@@ -38,6 +38,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
 
 from src.isqrt_cov import ISqrtCov, TRACE_EPS, num_products, triu_indices_flat  # noqa: E402
+from timing import time_round_robin  # noqa: E402
 
 METHODS = ("ms_explicit", "ms_autodiff", "ms_autodiff_naive", "ms_svd", "torch_ns", "torch_eigh")
 NOTES = {
@@ -232,19 +233,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         first[name] = run()
         compile_s[name] = time.perf_counter() - t0
-    times = {name: [] for name in runners}
-    names = list(runners)
-    for r in range(args.warmup + args.repeats):
-        # Rotate the order each round and let the previous method's spinning threads (PyTorch's
-        # OpenMP, MindSpore's actor pool) go idle first: without this, whichever method followed
-        # PyTorch ran bimodally 15-30% slower.
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            run = runners[name]
-            time.sleep(args.settle)
-            t0 = time.perf_counter()
-            run()
-            if r >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+    times = time_round_robin(runners, args.warmup, args.repeats, args.settle)
     med = {name: float(np.median(t)) for name, t in times.items()}
     best = {name: float(np.min(t)) for name, t in times.items()}
 
