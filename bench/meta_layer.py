@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -38,7 +37,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
 
 from src.isqrt_cov import ISqrtCov, TRACE_EPS, num_products, triu_indices_flat  # noqa: E402
-from timing import time_round_robin  # noqa: E402
+from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 METHODS = ("ms_explicit", "ms_autodiff", "ms_autodiff_naive", "ms_svd", "torch_ns", "torch_eigh")
 NOTES = {
@@ -154,7 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--iter_num", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per method after compiling")
-    p.add_argument("--settle", type=float, default=0.3,
+    p.add_argument("--settle", type=float, default=SETTLE_S,
                    help="seconds of idle before each timed run, so no method pays for the previous one's threads")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads for both MindSpore kernels and PyTorch (default: all cores)")
@@ -228,11 +227,7 @@ def main(argv=None):
     runners["matmul"] = lambda: chain(*mats).asnumpy()
 
     # First call compiles; it also gives the gradient each method computes, compared below.
-    first, compile_s = {}, {}
-    for name, run in runners.items():
-        t0 = time.perf_counter()
-        first[name] = run()
-        compile_s[name] = time.perf_counter() - t0
+    first, compile_s = first_calls(runners)
     times = time_round_robin(runners, args.warmup, args.repeats, args.settle)
     med = {name: float(np.median(t)) for name, t in times.items()}
     best = {name: float(np.min(t)) for name, t in times.items()}

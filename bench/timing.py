@@ -1,8 +1,22 @@
-"""Round-robin timing shared by the benchmarks."""
+"""Timing shared by the benchmarks: first calls (compilation), then round-robin rounds."""
 import time
 
+SETTLE_S = 0.3  # default idle before each timed call (see time_round_robin)
 
-def time_round_robin(runners, warmup, repeats, settle=0.3):
+
+def first_calls(runners, verbose=False):
+    """Call each runner once (MindSpore compiles, PyTorch allocates): (its results, seconds each)."""
+    results, seconds = {}, {}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        results[name] = run()
+        seconds[name] = time.perf_counter() - t0
+        if verbose:
+            print(f"  first call {name}: {seconds[name]:.1f} s", flush=True)
+    return results, seconds
+
+
+def time_round_robin(runners, warmup, repeats, settle=SETTLE_S):
     """Seconds per call of each runner over ``repeats`` rounds after ``warmup`` untimed ones.
 
     The order rotates every round and each timed call starts after ``settle`` idle seconds, so no

@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -31,7 +30,7 @@ for p in (ROOT, HERE):
 
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
-from timing import time_round_robin  # noqa: E402
+from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "resnet50_imagenet2012_config.yaml")
 
@@ -225,7 +224,7 @@ def parse_args(argv=None):
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--steps", type=int, default=5, help="timed steps per runner (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per runner after compiling")
-    p.add_argument("--settle", type=float, default=0.3, help="idle seconds before each timed call (bench/timing.py)")
+    p.add_argument("--settle", type=float, default=SETTLE_S, help="idle seconds before each timed call (bench/timing.py)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads of MindSpore's kernels and of PyTorch (default: all cores)")
     p.add_argument("--matmul_size", type=int, default=2048, help="N of the N x N x N reference matmul")
@@ -306,12 +305,7 @@ def main(argv=None):
         runners["torch:matmul"] = lambda: torch.mm(ta, tb)
 
     # First call compiles (MindSpore) / allocates (PyTorch); then warm-up and timing, round-robin.
-    first_s = {}
-    for key, run in runners.items():
-        t0 = time.perf_counter()
-        run()
-        first_s[key] = time.perf_counter() - t0
-        print(f"  first call {key}: {first_s[key]:.1f} s", flush=True)
+    _, first_s = first_calls(runners, verbose=True)
     times = time_round_robin(runners, args.warmup, args.steps, args.settle)
     med = {key: float(np.median(t)) for key, t in times.items()}
 

@@ -59,6 +59,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+SCHEDULER_CODE = "from mindspore.communication import init; init()"  # what rank 0's scheduler runs
 _SCHEDULER = None  # rank 0's scheduler process (CPU under mpirun)
 _MPI_COMM = None  # set when this process joined the cluster through MPI
 
@@ -85,7 +86,7 @@ def _start_cpu_cluster_from_mpi():
         for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PMI_"))]:
             del env[key]  # the scheduler is not an MPI process
         _SCHEDULER = subprocess.Popen(
-            [sys.executable, "-c", "from mindspore.communication import init; init()"], env=env,
+            [sys.executable, "-c", SCHEDULER_CODE], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_listening(host, port, _SCHEDULER)
     # Workers that dial before the scheduler listens fall into MindSpore's slow reconnect loop

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from src.distributed import SCHEDULER_CODE
 from tests.helpers import ENV, ROOT, make_image_folder, run_script, tiny_flags
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
@@ -79,7 +80,7 @@ def test_train_py_data_parallel(data, tmp_path, launcher):
     log0 = open(os.path.join(out, "logs", "rank_0.log")).read()
     assert "2 device(s) x batch 4" in log0 and "val top-1" in log0
     if launcher == "mpirun":  # rank 0 stops the scheduler it started (src.distributed.exit_process)
-        left = subprocess.run(["pgrep", "-f", "from mindspore.communication import init; init()"],
+        left = subprocess.run(["pgrep", "-f", SCHEDULER_CODE],
                               capture_output=True, text=True)
         assert left.stdout.strip() == "", left.stdout
 
