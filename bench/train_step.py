@@ -30,6 +30,7 @@ for p in (ROOT, HERE):
 
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
+from ms_execution import MultiThreadExecution, tail_cost  # noqa: E402
 from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "resnet50_imagenet2012_config.yaml")
@@ -154,19 +155,24 @@ def build_ms_step(arch, head, args, total_steps):
 
 
 def ms_profile_runners(name, net, optimizer, step, images, labels, args):
-    """The parts of one MindSpore step, each a compiled graph of its own."""
+    """The parts of one MindSpore step, each a compiled graph of its own, executed on the actor
+    threads as in the whole network (see ms_execution.py: small graphs would otherwise run in the
+    Python thread)."""
+    def part(cell, *inputs):
+        return ms_run(MultiThreadExecution(cell), *inputs)
+
     net_with_loss = step.network
     weights = optimizer.parameters
     runners = {
-        f"ms:{name}:fwd": ms_run(Forward(net_with_loss), images, labels),
-        f"ms:{name}:fwd_bwd": ms_run(LossGrad(net_with_loss, weights), images, labels),
-        f"ms:{name}:step_plain": ms_run(nn.TrainOneStepCell(net_with_loss, optimizer), images, labels),
+        f"ms:{name}:fwd": part(Forward(net_with_loss), images, labels),
+        f"ms:{name}:fwd_bwd": part(LossGrad(net_with_loss, weights), images, labels),
+        f"ms:{name}:step_plain": part(nn.TrainOneStepCell(net_with_loss, optimizer), images, labels),
     }
     grads = fixed_grads(weights)
-    runners[f"ms:{name}:optimizer"] = ms_run(OptimizerOnly(optimizer, grads))
+    runners[f"ms:{name}:optimizer"] = part(OptimizerOnly(optimizer, grads))
     one = Tensor(1.0, ms.float32)
-    runners[f"ms:{name}:finite_check"] = ms_run(FiniteCheck(grads, "trainstep"), one)
-    runners[f"ms:{name}:finite_check_isfinite_all"] = ms_run(FiniteCheck(grads, "isfinite_all"), one)
+    runners[f"ms:{name}:finite_check"] = part(FiniteCheck(grads, "trainstep"), one)
+    runners[f"ms:{name}:finite_check_isfinite_all"] = part(FiniteCheck(grads, "isfinite_all"), one)
 
     features = net.features
     b, s = args.batch, args.image_size
@@ -177,18 +183,18 @@ def ms_profile_runners(name, net, optimizer, step, images, labels, args):
     c4 = features.out_channels
     rng = np.random.default_rng(1)
     ones_like = lambda shape: Tensor(np.ones(shape, np.float32))  # noqa: E731
-    runners[f"ms:{name}:backbone_fwd_bwd"] = ms_run(
+    runners[f"ms:{name}:backbone_fwd_bwd"] = part(
         GradOf(features, features.trainable_params(), wrt_input=False), images, ones_like((b, c4, h4, h4)))
     x3 = Tensor(np.maximum(rng.standard_normal((b, c3, h3, h3)), 0).astype(np.float32))
-    runners[f"ms:{name}:layer4_fwd_bwd"] = ms_run(
+    runners[f"ms:{name}:layer4_fwd_bwd"] = part(
         GradOf(features.layer4, features.layer4.trainable_params()), x3, ones_like((b, c4, h4, h4)))
     x4 = Tensor(np.maximum(rng.standard_normal((b, c4, h4, h4)), 0).astype(np.float32))
     head_cell = nn.SequentialCell([net.representation, net.classifier])
-    runners[f"ms:{name}:head_fwd_bwd"] = ms_run(
+    runners[f"ms:{name}:head_fwd_bwd"] = part(
         GradOf(head_cell, head_cell.trainable_params()), x4, ones_like((b, args.num_classes)))
     rep_dim = net.representation.output_dim
     xr = Tensor(rng.standard_normal((b, rep_dim)).astype(np.float32))
-    runners[f"ms:{name}:classifier_fwd_bwd"] = ms_run(
+    runners[f"ms:{name}:classifier_fwd_bwd"] = part(
         GradOf(net.classifier, net.classifier.trainable_params()), xr, ones_like((b, args.num_classes)))
     if head_of(name) == "isqrt_cov":
         from meta_layer import FwdBwd
@@ -196,7 +202,7 @@ def ms_profile_runners(name, net, optimizer, step, images, labels, args):
         d = net.representation.dim
         meta = ISqrtCov(d, dimension_reduction=None, iter_num=net.representation.iter_num)
         xm = Tensor(np.maximum(rng.standard_normal((b, d, h4, h4)), 0).astype(np.float32))
-        runners[f"ms:{name}:meta_fwd_bwd"] = ms_run(FwdBwd(meta), xm, ones_like((b, rep_dim)))
+        runners[f"ms:{name}:meta_fwd_bwd"] = part(FwdBwd(meta), xm, ones_like((b, rep_dim)))
     return runners
 
 
@@ -299,7 +305,7 @@ def main(argv=None):
 
     n = args.matmul_size
     a_np = (rng.standard_normal((2, n, n)) / np.sqrt(n)).astype(np.float32)
-    runners["ms:matmul"] = ms_run(MatMulCell(), Tensor(a_np[0]), Tensor(a_np[1]))
+    runners["ms:matmul"] = ms_run(MultiThreadExecution(MatMulCell()), Tensor(a_np[0]), Tensor(a_np[1]))
     if torch is not None:
         ta, tb = torch.from_numpy(a_np[0]), torch.from_numpy(a_np[1])
         runners["torch:matmul"] = lambda: torch.mm(ta, tb)
@@ -324,6 +330,9 @@ def main(argv=None):
                    "torch": torch.__version__ if torch is not None else None,
                    "python": platform.python_version(), "machine": _machine(), "cpu_count": os.cpu_count()},
         "matmul": mm,
+        # The MindSpore part graphs and the matmul carry ms_execution's tail (run on the actor threads
+        # as inside a network); this is what the tail alone costs. The whole steps do not carry it.
+        "multi_thread_tail_ms": tail_cost() * 1e3,
         "networks": {},
     }
     frameworks = ("ms", "torch") if torch is not None else ("ms",)

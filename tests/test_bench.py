@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,3 +84,52 @@ def test_random_resized_crop_box_stays_inside_and_in_range():
     # A very wide image rarely fits a sampled crop: the fallback is the centre crop at ratio 4/3.
     x0, y0, x1, y1 = random_resized_crop_box(1000, 10, random.Random(1))
     assert (y0, y1) == (0, 10) and math.isclose((x1 - x0) / 10, RATIO[1], rel_tol=0.1)
+
+
+_EXECUTION_PROBE = """
+import sys
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+sys.path.insert(0, sys.argv[1])
+from ms_execution import MultiThreadExecution
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+
+class Small(nn.Cell):
+    def construct(self, a, b):
+        return ops.bmm(a, b), a - b
+
+x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4) / 10
+y = np.ones((2, 4, 4), np.float32)
+cell = MultiThreadExecution(Small()) if sys.argv[2] == "wrapped" else Small()
+for _ in range(4):
+    out = cell(Tensor(x), Tensor(y))
+np.save(sys.argv[3], np.stack([o.asnumpy() for o in out]))
+"""
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_small_graph_execution_mode(tmp_path, wrapped):
+    """MindSpore 2.8 runs a graph of at most 100 kernels in the Python thread after its first run
+    (INFO log "in multi thread or not: 0"), which made the meta-layer benchmark bimodal; the
+    benchmarks' MultiThreadExecution keeps such a graph on the actor threads, as inside a network,
+    and leaves its outputs alone. If the bare graph stops being switched, MindSpore changed and
+    bench/ms_execution.py may go."""
+    script = tmp_path / "probe.py"
+    script.write_text(_EXECUTION_PROBE)
+    out = tmp_path / "out.npy"
+    env = dict(os.environ, GLOG_v="1")
+    proc = subprocess.run([sys.executable, str(script), os.path.join(ROOT, "bench"),
+                           "wrapped" if wrapped else "bare", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = [line.rsplit(":", 1)[1].strip(" .") for line in proc.stderr.splitlines()
+             if "SetActorExecutionStrategy" in line and "in multi thread or not" in line]
+    assert len(modes) >= 4, proc.stderr[-3000:]
+    if wrapped:
+        assert set(modes) == {"1"}, modes
+    else:
+        assert modes[0] == "1" and set(modes[1:]) == {"0"}, modes
+    x = np.arange(2 * 4 * 4, dtype=np.float64).reshape(2, 4, 4) / 10
+    expected = np.stack([x @ np.ones((2, 4, 4)), x - 1])
+    np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
