@@ -33,6 +33,7 @@ def test_train_step_tiny(tmp_path):
     r = _run("train_step.py", ["--archs", "resnet18:isqrt_cov,resnet18:gap", "--batch", "2", "--image_size", "32",
                                "--num_classes", "4", "--steps", "1", "--warmup", "0", "--matmul_size", "256"], tmp_path)
     assert r["config"]["batch"] == 2 and r["config"]["mode"] == "GRAPH_MODE"
+    assert 0 < r["multi_thread_tail_ms"] < 50
     assert r["matmul"]["reference_gflops"] == max(r["matmul"]["mindspore"]["gflops"], r["matmul"]["torch"]["gflops"])
     for name in ("resnet18_isqrt_cov", "resnet18_gap"):
         e = r["networks"][name]

@@ -411,6 +411,7 @@ def test_benchmark_script_runs_on_a_tiny_size(tmp_path):
         if name != "ms_explicit":  # every implementation of the iteration computes the same gradient
             assert res["methods"][name]["grad_rel_diff_vs_explicit"] < 1e-4, name
     assert res["matmul"]["gflops"] > 0
+    assert 0 < res["multi_thread_tail_ms"] < 50  # the tail that keeps the graphs on the actor threads
     assert {"explicit_over_torch_ns", "explicit_over_ms_autodiff",
             "explicit_fraction_of_matmul_rate"} <= set(res["ratios"])
     assert "ms_explicit" in proc.stdout
