@@ -9,10 +9,10 @@ network (thousands of kernels) is always executed on the actor threads, so a ben
 its parts must be too: `MultiThreadExecution` appends a chain of cheap one-element kernels that
 lifts the graph above the limit without touching its outputs.
 """
-import time
-
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
+
+from timing import time_round_robin
 
 SINGLE_THREAD_MAX_KERNELS = 100  # MindSpore's ActorDispatcher::kSingleThreadExecutionActorMaxNum
 
@@ -35,20 +35,9 @@ class MultiThreadExecution(nn.Cell):
         return ops.depend(out, s)
 
 
-class _Nothing(nn.Cell):
-    def construct(self, x):
-        return x
-
-
 def tail_cost(repeats=20):
     """Seconds one run of the extra kernels alone takes (median): what the wrapper adds to a time."""
-    cell = MultiThreadExecution(_Nothing())
+    cell = MultiThreadExecution(nn.Identity())
     x = Tensor(np.zeros(1, np.float32))
-    cell(x).asnumpy()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        cell(x).asnumpy()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
+    times = time_round_robin({"tail": lambda: cell(x).asnumpy()}, warmup=1, repeats=repeats, settle=0)
+    return float(np.median(times["tail"]))
