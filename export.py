@@ -14,6 +14,7 @@ def main(argv=None):
     from src.checkpoint import load_network
     from src.config import enter_output_dir, load_config
     from src.distributed import set_device
+    from src.errors import ConfigError, first_line
     from src.factory import build_network
 
     cfg = enter_output_dir(load_config(argv))
@@ -24,15 +25,15 @@ def main(argv=None):
     net.set_train(False)
     fmt = str(cfg.file_format).upper()
     if fmt not in ("MINDIR", "ONNX", "AIR"):
-        raise ValueError(f"file_format must be MINDIR, ONNX or AIR, got '{cfg.file_format}'")
+        raise ConfigError(f"file_format must be MINDIR, ONNX or AIR, got '{cfg.file_format}'")
     name = cfg.file_name or os.path.join(cfg.output_path, f"{cfg.arch}_{cfg.head}")
     os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
     dummy = ms.Tensor(np.zeros((1, 3, cfg.image_size, cfg.image_size), np.float32))
     try:
         ms.export(net, dummy, file_name=name, file_format=fmt)
     except (RuntimeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"MindSpore could not export this network as {fmt} ({first}); MINDIR is supported") from None
+        first = first_line(exc)
+        raise ConfigError(f"MindSpore could not export this network as {fmt} ({first}); MINDIR is supported") from None
     print(f"exported {name}.{fmt.lower()}")
     return 0
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import mindspore as ms
 
+from src.errors import CheckpointError, first_line, name_list
 from src.run_log import write_json
 
 
@@ -19,8 +20,6 @@ from src.run_log import write_json
 DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not exist or does not fit the network; the message says what to do."""
 
 
 META_KEYS = ("epoch", "step_in_epoch", "arch", "head", "num_classes", "best_top1",
@@ -53,7 +52,7 @@ def read_checkpoint(path):
     try:
         params = ms.load_checkpoint(path)
     except Exception as exc:  # MindSpore raises ValueError/RuntimeError with long internal messages.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"cannot read checkpoint '{path}' ({first}); is it a MindSpore .ckpt? "
                               "PyTorch .pth files go through scripts/convert_torch_checkpoint.py") from None
     meta = {}
@@ -62,12 +61,6 @@ def read_checkpoint(path):
             value = params.pop(key)
             meta[key] = value.asnumpy().item() if hasattr(value, "asnumpy") else value
     return params, meta
-
-
-def _summary(names, limit=8):
-    names = sorted(names)
-    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def match_network(net, params, path, classifier_prefix="fc.", skip_classifier=False):
@@ -107,11 +100,11 @@ def match_network(net, params, path, classifier_prefix="fc.", skip_classifier=Fa
             hint = "; was it saved for another --arch/--head/--dimension_reduction?"
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)}: {_summary(missing)}")
+            parts.append(f"missing {len(missing)}: {name_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_summary(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)}: {name_list(unexpected)}")
         if shape_bad:
-            parts.append(f"wrong shape {len(shape_bad)}: {_summary(shape_bad, 4)}")
+            parts.append(f"wrong shape {len(shape_bad)}: {name_list(shape_bad, 4)}")
         raise CheckpointError(f"checkpoint '{path}' does not fit the network ({'; '.join(parts)}){hint}")
     return chosen, skipped
 
@@ -138,7 +131,7 @@ def load_train_state(train_cell, path, net, classifier_prefix="fc."):
     state_names = {p.name for p in train_cell.get_parameters()}
     absent = sorted(n for n in state_names if n not in params)
     if absent:
-        raise CheckpointError(f"checkpoint '{path}' holds no training state ({_summary(absent, 4)} missing): "
+        raise CheckpointError(f"checkpoint '{path}' holds no training state ({name_list(absent, 4)} missing): "
                               "resume from <output_path>/ckpt/latest.ckpt, or use --pre_trained to "
                               "initialise the weights only")
     if "epoch" not in meta:

@@ -15,6 +15,8 @@ import tempfile
 
 import yaml
 
+from src.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "digits_demo_config.yaml")
 
@@ -23,8 +25,6 @@ IMAGENET_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_STD = [58.395, 57.12, 57.375]
 
 
-class ConfigError(ValueError):
-    """A bad configuration: unknown key, wrong type or value, unreadable file. One-line message."""
 
 
 class _Key:

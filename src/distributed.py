@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import mindspore as ms
 
+from src.errors import DeviceError, first_line
 
-class DeviceError(RuntimeError):
-    """The requested device or launcher cannot be used; the message says what to do."""
+
 
 
 @dataclass
@@ -44,7 +44,7 @@ def set_device(device_target, device_id=0, mode="GRAPH"):
             ms.set_device(device_target, device_id)
         ms.Tensor([1.0]) + 1  # the device loads lazily: force it here so the error is ours
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise DeviceError(f"device_target {device_target} is not available here ({first}). Use "
                           "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up from README.md") from None
 
@@ -145,7 +145,7 @@ def init_distributed(cfg):
     try:
         init()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         if os.environ.get("MS_ROLE") == "MS_SCHED":  # msrun's scheduler returns here when the job ends
             raise DeviceError(f"the distributed job failed ({first})") from None
         raise DeviceError(f"collective communication failed to start ({first}); launch with mpirun or "

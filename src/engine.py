@@ -16,6 +16,7 @@ import mindspore as ms
 
 from src.checkpoint import CheckpointManager, CheckpointError, all_finite, load_network, load_train_state
 from src.config import save_config
+from src.errors import DataError, TrainingStopped
 from src.data import BadImageMonitor, count_images, create_dataset, scan_image_folder, check_class_match
 from src.data.demo import MARKER, maybe_prepare_demo
 from src.distributed import init_distributed
@@ -45,8 +46,6 @@ def _wait_for(path, seconds):
         time.sleep(1)
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite loss); the message says where and why."""
 
 
 def shard_samples(split_dir, classes, dist):
@@ -95,7 +94,7 @@ class Trainer:
             self.log.info(f"initialised from {cfg.pre_trained}{note}")
         size = self._dataset(True).get_dataset_size()
         if size == 0:
-            raise ValueError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "
+            raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "
                              "lower --batch_size")
         self.steps_per_epoch = min(size, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else size
         self.lr = create_lr_schedule(cfg, self.steps_per_epoch)

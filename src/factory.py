@@ -3,6 +3,7 @@ optimizer and training step. One place, so the scripts hold no if/elif chains of
 import mindspore as ms
 from mindspore import nn, ops
 
+from src.errors import ConfigError
 from src.models import create_model
 
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
@@ -25,9 +26,9 @@ def resolve_amp_level(cfg):
     if level == "auto":
         return "O0" if cfg.device_target == "CPU" else "O2"
     if level not in AMP_LEVELS:
-        raise ValueError(f"amp_level must be auto, O0, O1, O2 or O3, got '{level}'")
+        raise ConfigError(f"amp_level must be auto, O0, O1, O2 or O3, got '{level}'")
     if cfg.device_target == "CPU" and level != "O0":
-        raise ValueError(f"amp_level={level} (float16) is for GPU and Ascend; on CPU use --amp_level=O0 "
+        raise ConfigError(f"amp_level={level} (float16) is for GPU and Ascend; on CPU use --amp_level=O0 "
                          "or --amp_level=auto")
     return level
 
@@ -64,7 +65,7 @@ def param_groups(cfg, net, lr_per_step):
 
 def build_optimizer(cfg, net, lr_per_step):
     if cfg.optimizer != "momentum":
-        raise ValueError(f"optimizer must be 'momentum', got '{cfg.optimizer}'")
+        raise ConfigError(f"optimizer must be 'momentum', got '{cfg.optimizer}'")
     groups = param_groups(cfg, net, lr_per_step)
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_per_step, ms.float32), momentum=float(cfg.momentum))
 

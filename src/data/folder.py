@@ -6,13 +6,14 @@ label i means the same class on every machine and in every split.
 import itertools
 import os
 
+from src.errors import DataError
+
 # Extensions MindSpore's Decode reads. ImageFolderDataset matches extensions case-sensitively
 # (ImageNet uses ".JPEG"), so it is given every upper/lower-case spelling of these.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class DatasetError(ValueError):
-    """A dataset folder that cannot be used as is. One-line message that says what to fix."""
+DatasetError = DataError  # the name the data modules use
 
 
 def _case_variants(ext):

@@ -30,6 +30,8 @@ import re
 
 import numpy as np
 
+from src.errors import ConversionError, first_line, name_list
+
 from src.models.network import ARCHS, create_model
 
 TRIU_ORDERS = ("row", "column")
@@ -39,8 +41,6 @@ _HEAD_PREFIXES = ("layer_reduce.", "layer_reduce_bn.", "fc.")
 _LAYOUTS = {"isqrt_cov": "fast-MPN-COV mpncovresnet", "gap": "torchvision ResNet"}
 
 
-class ConversionError(ValueError):
-    """A checkpoint that does not fit the requested network; the message says what to change."""
 
 
 def torch_to_ms_name(name):
@@ -67,7 +67,7 @@ def load_torch_state_dict(path):
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
     except Exception as exc:  # torch raises UnpicklingError / RuntimeError with long texts
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConversionError(
             f"{path}: could not be read as a PyTorch checkpoint with weights_only=True ({first}). "
             "If it pickles a whole model or other objects, re-save it from trusted code as "
@@ -109,8 +109,7 @@ def _expected_params(net):
 def _format_list(title, items, limit=40):
     if not items:
         return ""
-    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
-    return f"  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+    return f"  {title} ({len(items)}): " + name_list(items, limit, sort=False)
 
 
 def convert_state_dict(state, arch="resnet50", head="isqrt_cov", num_classes=1000, dimension_reduction=256,
