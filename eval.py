@@ -15,8 +15,9 @@ def main(argv=None):
     from src.config import enter_output_dir, load_config
     from src.data import create_dataset, scan_image_folder, check_class_match
     from src.distributed import init_distributed
-    from src.engine import shard_samples
-    from src.evaluate import evaluate
+    from src.data import shard_samples
+    from src.evaluate import EvalNet, evaluate
+    from src.ranks import Ranks
     from src.factory import build_network
     from src.models import count_flops, count_params
 
@@ -32,8 +33,8 @@ def main(argv=None):
             check_class_match(json.load(f), classes)
     net = build_network(cfg)
     load_network(net, ckpt, getattr(net, "classifier_prefix", "fc."))
-    metrics = evaluate(net, dataset, cfg.eval_flip_average, dist.distributed, progress=dist.is_main,
-                       num_samples=shard_samples(val_dir, classes, dist))
+    metrics = evaluate(EvalNet(net, cfg.eval_flip_average), dataset, Ranks(dist), progress=dist.is_main,
+                       num_samples=shard_samples(val_dir, classes, dist.rank, dist.group_size))
     flops = count_flops(net, cfg.image_size)
     metrics.update(checkpoint=os.path.abspath(ckpt), params=count_params(net), macs=flops["total"])
     if dist.is_main:

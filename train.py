@@ -16,8 +16,7 @@ def main(argv=None):
     cfg = enter_output_dir(load_config(argv))
     os.environ.setdefault(*DATASET_WARNINGS_ENV)  # before mindspore: its warnings name bad files
     from src.engine import Trainer
-    Trainer(cfg).fit()
-    return 0
+    return Trainer(cfg).fit()
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def main(argv=None):
         flops = count_flops(net, args.image_size)
         info[name] = {"arch": arch, "head": head, "params": count_params(net), "macs_per_image": flops,
                       "weight_decay": float(cfg.weight_decay), "momentum": float(cfg.momentum)}
-        runners[f"ms:{name}:step"] = ms_run(step, images, labels)
+        runners[f"ms:{name}:step"] = ms_run(step, images, labels, Tensor(0.0, ms.float32))
         if args.profile:
             runners.update(ms_profile_runners(name, net, optimizer, step, images, labels, args))
         if torch is not None:

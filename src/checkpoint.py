@@ -22,8 +22,8 @@ DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
 
 
 
-META_KEYS = ("epoch", "step_in_epoch", "arch", "head", "num_classes", "best_top1",
-             "top1", "complete_epoch")
+META_KEYS = ("epoch", "step_in_epoch", "arch", "head", "num_classes", "best_top1", "top1",
+             "steps_per_epoch", "global_batch")
 
 
 def save_atomic(save_obj, path, meta=None):
@@ -125,10 +125,13 @@ def load_network(net, path, classifier_prefix="fc.", skip_classifier=False):
 
 
 def load_train_state(train_cell, path, net, classifier_prefix="fc."):
-    """Load a full training state (network, optimizer moments, step, loss scale) for --resume_ckpt."""
+    """Load a full training state (network, optimizer moments, loss scale) for --resume_ckpt.
+
+    The optimizer's per-step learning-rate arrays are not restored: the schedule is the current
+    config's (a longer epoch_size extends it), and the caller sets the optimizer's step."""
     params, meta = read_checkpoint(path)
     match_network(net, params, path, classifier_prefix)
-    state_names = {p.name for p in train_cell.get_parameters()}
+    state_names = {p.name for p in train_cell.get_parameters() if not p.name.startswith("learning_rate")}
     absent = sorted(n for n in state_names if n not in params)
     if absent:
         raise CheckpointError(f"checkpoint '{path}' holds no training state ({name_list(absent, 4)} missing): "

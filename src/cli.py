@@ -14,6 +14,7 @@ def run_cli(main):
             raise
         sys.stderr.write(f"error: {first_line(exc)}\n")
         sys.stderr.flush()
-        sys.exit(exc.exit_code)
-    from src.distributed import exit_process
-    exit_process(code or 0)
+        code = exc.exit_code
+    if "src.distributed" not in sys.modules:  # failed before any device or launcher was touched
+        sys.exit(code or 0)
+    sys.modules["src.distributed"].exit_process(code or 0)

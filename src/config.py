@@ -318,6 +318,9 @@ def _check_values(values, sources):
     if values["device_num"] > 1 and not values["run_distribute"]:
         fail("device_num", f"is {values['device_num']} but run_distribute is False (a single-process run uses "
                            f"one device: add --run_distribute=True under mpirun/msrun, or set --device_num=1)")
+    if values["run_distribute"] and values["bad_image_mode"] == "skip":
+        fail("bad_image_mode", "is 'skip', which gives ranks different numbers of batches (one would wait for "
+                               "the others forever): use 'replace' (the default) or 'error' with run_distribute")
     if values["train_transform"] != "random_resized_crop" and values["train_resize"] is None:
         fail("train_transform", f"'{values['train_transform']}' needs train_resize (e.g. --train_resize=256)")
 

@@ -31,26 +31,89 @@ class DistInfo:
         return self.rank == 0
 
 
-def set_device(device_target, device_id=0, mode="GRAPH"):
-    """Select the device and execution mode, failing with one clear line when it is not there."""
+def launcher(env=None):
+    """The launcher that started this process: "msrun", "mpirun" or None.
+
+    msrun exports MS_ROLE to its workers; mpirun exports OMPI_COMM_WORLD_* (OpenMPI) or PMI_* (MPICH).
+    Read before this module joins MindSpore's cluster itself (which sets MS_ROLE under mpirun on CPU).
+    """
+    env = os.environ if env is None else env
+    if _MPI_COMM is not None:
+        return "mpirun"
+    if "MS_ROLE" in env:
+        return "msrun"
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return "mpirun"
+    return None
+
+
+def _local_rank(env):
+    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if key in env:
+            return int(env[key])
+    return None
+
+
+def choose_device_id(device_target, run_distribute, device_id, env=None):
+    """The device id this process asks MindSpore for (None: MindSpore chooses).
+
+    - CPU, or msrun: None. msrun negotiates the ids of its workers (mindspore.set_device's docstring).
+    - mpirun: the local rank. Importing mindspore.communication also sets it, but an explicit
+      set_device(target, 0) would override that for every rank, so it is passed explicitly.
+    - one process: ``device_id``.
+    Ids index the GPUs CUDA_VISIBLE_DEVICES leaves visible: with CUDA_VISIBLE_DEVICES=4,5,6,7 local
+    rank 0 runs on physical GPU 4.
+    """
+    env = os.environ if env is None else env
+    if device_target == "CPU":
+        return None
+    if not run_distribute:
+        return int(device_id)
+    how = launcher(env)
+    if how == "msrun":
+        return None
+    if how == "mpirun":
+        local = _local_rank(env)
+        if local is None:
+            raise DeviceError("mpirun did not say which local rank this process is (no OMPI_COMM_WORLD_LOCAL_RANK "
+                              "or MPI_LOCALRANKID): launch with OpenMPI's or MPICH's mpirun, or with msrun")
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if device_target == "GPU" and "CUDA_VISIBLE_DEVICES" in env and local >= len(visible):
+            raise DeviceError(f"local rank {local} needs GPU {local} but CUDA_VISIBLE_DEVICES="
+                              f"'{env['CUDA_VISIBLE_DEVICES']}' leaves {len(visible)} visible: start at most "
+                              f"{len(visible)} processes per machine, or widen CUDA_VISIBLE_DEVICES")
+        return local
+    return int(device_id)
+
+
+def set_device(device_target, device_id=0, mode="GRAPH", probe=True):
+    """Select the device (``device_id`` None: MindSpore's choice) and the execution mode.
+
+    ``probe`` runs one tiny kernel so that a missing device fails here, with one clear line. A
+    distributed run probes only after ``init()``: no kernel may run before it.
+    """
     device_target = str(device_target)
     if device_target not in ("CPU", "GPU", "Ascend"):
         raise DeviceError(f"device_target must be CPU, GPU or Ascend, got '{device_target}'")
     ms.set_context(mode=ms.GRAPH_MODE if str(mode).upper() == "GRAPH" else ms.PYNATIVE_MODE)
     try:
-        if device_target == "CPU":
+        if device_id is None:
             ms.set_device(device_target)
         else:
-            ms.set_device(device_target, device_id)
-        ms.Tensor([1.0]) + 1  # the device loads lazily: force it here so the error is ours
+            ms.set_device(device_target, int(device_id))
+        if probe:
+            _probe()
     except RuntimeError as exc:
-        first = first_line(exc)
-        raise DeviceError(f"device_target {device_target} is not available here ({first}). Use "
-                          "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up from README.md") from None
+        raise _unavailable(device_target, exc) from None
 
 
-def _under_mpirun():
-    return "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
+def _probe():
+    ms.Tensor([1.0]) + 1  # the device loads lazily: force it here so the error is ours
+
+
+def _unavailable(device_target, exc):
+    return DeviceError(f"device_target {device_target} is not available here ({first_line(exc)}). Use "
+                       "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up from README.md")
 
 
 def _free_port():
@@ -108,6 +171,9 @@ def _wait_listening(host, port, proc, seconds=120):
     raise DeviceError(f"MindSpore's scheduler did not open {host}:{port} within {seconds} s")
 
 
+EXIT_WAIT_S = 120
+
+
 def exit_process(code=0):
     """End a finished run with ``code``.
 
@@ -119,29 +185,42 @@ def exit_process(code=0):
     """
     if _MPI_COMM is None:
         sys.exit(code)
-    _MPI_COMM.Barrier()
+    # A rank that fails alone must still leave: wait for the others a bounded time only.
+    request, deadline = _MPI_COMM.Ibarrier(), time.time() + EXIT_WAIT_S
+    while not request.Test() and time.time() < deadline:
+        time.sleep(0.05)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    from mpi4py import MPI
-    MPI.Finalize()
+    if request.Test():
+        from mpi4py import MPI
+        MPI.Finalize()
     if _SCHEDULER is not None:
         _SCHEDULER.kill()
         _SCHEDULER.wait()
     os._exit(code)
 
 
+# MindSpore's CPU collectives give up after MS_NODE_TIMEOUT seconds of waiting for a peer (30 by
+# default), shorter than a rank-0 checkpoint write or a compilation skew can take. NCCL waits as is.
+CPU_COLLECTIVE_TIMEOUT_S = 1800
+
+
 def init_distributed(cfg):
     """Set the device, then (with cfg.run_distribute) initialise communication once and data parallelism."""
-    set_device(cfg.device_target, cfg.device_id, cfg.mode)
+    device_id = choose_device_id(cfg.device_target, cfg.run_distribute, cfg.device_id)
+    set_device(cfg.device_target, device_id, cfg.mode, probe=not cfg.run_distribute)
     if not cfg.run_distribute:
         return DistInfo()
-    from mindspore.communication import init, get_rank, get_group_size
-    if cfg.device_target == "CPU" and _under_mpirun() and "MS_ROLE" not in os.environ:
-        _start_cpu_cluster_from_mpi()
-    elif "MS_ROLE" not in os.environ and not _under_mpirun() and cfg.device_target == "CPU":
+    how = launcher()
+    if how is None and cfg.device_target == "CPU":
         raise DeviceError("--run_distribute=True on CPU needs a launcher: msrun --worker_num=N "
                           "--local_worker_num=N train.py ..., or mpirun -n N python train.py ...")
+    if cfg.device_target == "CPU":
+        os.environ.setdefault("MS_NODE_TIMEOUT", str(CPU_COLLECTIVE_TIMEOUT_S))
+        if how == "mpirun":
+            _start_cpu_cluster_from_mpi()
+    from mindspore.communication import init, get_rank, get_group_size
     try:
         init()
     except RuntimeError as exc:
@@ -150,6 +229,10 @@ def init_distributed(cfg):
             raise DeviceError(f"the distributed job failed ({first})") from None
         raise DeviceError(f"collective communication failed to start ({first}); launch with mpirun or "
                           "msrun (see scripts/run_distribute_train_gpu.sh)") from None
+    try:
+        _probe()
+    except RuntimeError as exc:
+        raise _unavailable(cfg.device_target, exc) from None
     rank, group_size = get_rank(), get_group_size()
     if cfg.device_num != group_size:
         raise DeviceError(f"--device_num={cfg.device_num} but the launcher started {group_size} processes: "

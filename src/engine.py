@@ -1,11 +1,17 @@
 """The training loop: data per epoch, steps, logs, evaluation, checkpoints, resume, signals and faults.
 
-Design choices that matter for week-long runs:
-- the training dataset is rebuilt every epoch with seed = cfg.seed + epoch, so a resumed run sees
-  the same order and skips the steps already done in an interrupted epoch;
-- the training step never applies non-finite gradients (loss-scale cell with overflow check), and a
-  non-finite loss stops the run naming epoch and step, without writing anything;
-- SIGTERM / Ctrl-C finish the current step, write a resumable latest.ckpt and exit non-zero.
+Design choices that matter for week-long runs on many devices:
+- Ranks decide together. Whatever depends on one rank (the demo data written, the folders found,
+  a non-finite step, a signal, a checkpoint written) becomes a decision of all ranks through
+  src.ranks.Ranks or the all-reduced control vector of the training step, never a file to wait
+  for: no rank leaves the loop, skips a step or stops alone.
+- No per-step host synchronisation. The step returns device tensors; the loop reads the previous
+  step's 3-value control vector while the current step runs (the device queue never drains), a
+  loss only at log intervals, and the epoch's losses once at its end.
+- The training dataset is rebuilt every epoch with seed = cfg.seed + epoch, so a resumed run sees
+  the same order and skips the steps already done in an interrupted epoch.
+- Resume restores weights, momentum, loss scale, epoch and step; the learning-rate schedule is
+  always rebuilt from the current config (so epoch_size can be extended).
 """
 import os
 import signal
@@ -14,67 +20,69 @@ import time
 import numpy as np
 import mindspore as ms
 
-from src.checkpoint import CheckpointManager, CheckpointError, all_finite, load_network, load_train_state
+from src.checkpoint import CheckpointManager, all_finite, load_network, load_train_state
 from src.config import save_config
-from src.errors import DataError, TrainingStopped
-from src.data import BadImageMonitor, count_images, create_dataset, scan_image_folder, check_class_match
-from src.data.demo import MARKER, maybe_prepare_demo
+from src.data import (BadImageMonitor, check_class_match, create_dataset, prepare_digits, scan_image_folder,
+                      shard_samples)
+from src.data.demo import maybe_prepare_demo
 from src.distributed import init_distributed
-from src.evaluate import evaluate
+from src.errors import CheckpointError, DataError, TrainingStopped
+from src.evaluate import EvalNet, evaluate
 from src.factory import build_network, build_optimizer, build_train_step
+from src.ranks import Ranks
 from src.run_log import MetricsWriter, format_eta, setup_logger
 from src.schedules import create_lr_schedule
 
 # A step whose gradients overflow is skipped by the loss scaler; this many in a row means the
 # run has diverged rather than the scale being too high.
 MAX_CONSECUTIVE_OVERFLOWS = 50
-# Test hooks: inject a fault at this global step (images multiplied by NaN); every rank dumps its
-# final weights as <dir>/rank_<r>.npz (to check that data-parallel ranks stay identical).
+# Test hooks. INJECT_NAN: "G" or "G@R" multiplies the images of global step G by NaN (on rank R
+# only). DUMP_WEIGHTS: every rank saves its final weights as <dir>/rank_<r>.npz. RANK0_DELAY:
+# seconds rank 0 sleeps after its first epoch-end checkpoint, as a slow write of a big one would.
 INJECT_NAN_ENV = "ISQRT_COV_INJECT_NAN_STEP"
 DUMP_WEIGHTS_ENV = "ISQRT_COV_DUMP_WEIGHTS"
+RANK0_DELAY_ENV = "ISQRT_COV_RANK0_DELAY"
+# Signals that stop a run after the current step with a resumable latest.ckpt. SIGUSR1 because
+# mpirun forwards it to every rank and waits, while on SIGTERM it kills the ranks a second later.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-DEMO_WAIT_SECONDS = 300
-
-
-def _wait_for(path, seconds):
-    """Other ranks wait while rank 0 writes the demo dataset."""
-    deadline = time.time() + seconds
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            raise TrainingStopped(f"rank 0 did not write {path} within {seconds} s")
-        time.sleep(1)
-
-
-
-
-def shard_samples(split_dir, classes, dist):
-    """Real images of rank ``dist.rank``'s shard: MindSpore deals samples round-robin and pads
-    shards to equal length with repeats, which evaluation must not count."""
-    total = sum(count_images(split_dir, classes).values())
-    return len(range(dist.rank, total, dist.group_size))
+def _nan_step(rank):
+    spec = os.environ.get(INJECT_NAN_ENV, "")
+    step, _, only = spec.partition("@")
+    return int(step) if step and (not only or int(only) == rank) else -1
 
 
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.dist = init_distributed(cfg)
+        self.ranks = Ranks(self.dist)
         self.log = setup_logger(cfg.output_path, self.dist.rank)
         self.ckpt = CheckpointManager(os.path.join(cfg.output_path, "ckpt"), cfg.keep_checkpoint_max,
                                       enabled=self.dist.is_main)
         self.metrics = MetricsWriter(cfg.output_path, enabled=self.dist.is_main)
-        self.stop_signal = None
+        self.stop_signal = 0
+        self.best_top1 = -1.0
+        self._overflows = 0  # consecutive overflowing steps
+        self.global_batch = cfg.batch_size * self.dist.group_size
         ms.set_seed(cfg.seed)
 
-    # ----------------------------------------------------------------- set-up
+    # ----------------------------------------------------------------- set-up (agreed by all ranks)
+    def _on_main(self, what, fn):
+        """Work rank 0 does alone (writing files), followed by an agreement that it succeeded."""
+        return self.ranks.agree(what, fn if self.dist.is_main else lambda: None)
+
     def _prepare_data(self):
         cfg = self.cfg
-        if cfg.demo_dataset and self.dist.is_main:
-            maybe_prepare_demo(cfg)
-        elif cfg.demo_dataset:
-            _wait_for(os.path.join(cfg.data_path, MARKER), DEMO_WAIT_SECONDS)
-        self.train_dir = os.path.join(cfg.data_path, "train")
-        self.val_dir = os.path.join(cfg.data_path, "val")
+        made = self._on_main("writing the demo dataset", lambda: maybe_prepare_demo(cfg))
+        if cfg.demo_dataset and self.ranks.broadcast(made is not None) and not self.dist.is_main:
+            prepare_digits(cfg.data_path)  # returns at once where rank 0's files are visible
+        self.ranks.agree("reading the dataset folders", self._scan_folders)
+
+    def _scan_folders(self):
+        self.train_dir = os.path.join(self.cfg.data_path, "train")
+        self.val_dir = os.path.join(self.cfg.data_path, "val")
         self.classes = scan_image_folder(self.train_dir)
         self.has_val = os.path.isdir(self.val_dir)
         if self.has_val:
@@ -95,59 +103,62 @@ class Trainer:
         size = self._dataset(True).get_dataset_size()
         if size == 0:
             raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "
-                             "lower --batch_size")
+                            "lower --batch_size")
         self.steps_per_epoch = min(size, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else size
         self.lr = create_lr_schedule(cfg, self.steps_per_epoch)
         self.optimizer = build_optimizer(cfg, self.net, self.lr)
         self.train_step = build_train_step(cfg, self.net, self.optimizer)
+        self.eval_net = EvalNet(self.net, cfg.eval_flip_average)  # compiled once per run
+        self._stop_values = {}
 
     @property
     def _cls_prefix(self):
         return getattr(self.net, "classifier_prefix", "fc.")
 
-    def _meta(self, epoch, step_in_epoch, top1=None):
-        cfg = self.cfg
-        meta = {"arch": cfg.arch, "head": cfg.head, "num_classes": int(cfg.num_classes), "epoch": int(epoch),
-                "step_in_epoch": int(step_in_epoch), "best_top1": float(self.best_top1)}
-        if top1 is not None:
-            meta["top1"] = float(top1)
-        return meta
-
-    def _can_save(self):
-        """Rank 0 writes, and never non-finite weights (one pass over the parameters)."""
-        if not self.dist.is_main:
-            return False
-        if not all_finite(self.net):
-            self.log.error("weights are not finite: checkpoints left as they were")
-            return False
-        return True
+    def _resume(self):
+        """(epoch, step) to start at; the lr schedule stays the current config's."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        meta = load_train_state(self.train_step, cfg.resume_ckpt, self.net, self._cls_prefix)
+        epoch, step = int(meta["epoch"]), int(meta["step_in_epoch"])
+        saved = (int(meta.get("steps_per_epoch", spe)), int(meta.get("global_batch", self.global_batch)))
+        if step >= saved[0]:
+            epoch, step = epoch + 1, 0  # an epoch boundary is a boundary for any sharding
+        elif saved != (spe, self.global_batch):
+            raise CheckpointError(
+                f"{cfg.resume_ckpt} stopped inside epoch {epoch + 1} (step {step} of {saved[0]}, total batch "
+                f"{saved[1]}) but this run has {spe} steps of total batch {self.global_batch}: resume with the "
+                "--device_num and --batch_size it was written with, or use --pre_trained to keep only its weights")
+        self.best_top1 = float(meta.get("best_top1", -1.0))
+        self.optimizer.global_step.set_data(ms.Tensor([epoch * spe + step], ms.int32))
+        return epoch, step
 
     # ----------------------------------------------------------------- run
     def fit(self):
+        """Train to cfg.epoch_size; returns the exit code (0, or 128 + signal when stopped by one)."""
         cfg = self.cfg
         self._prepare_data()
-        self._build()
-        self.best_top1 = -1.0
+        self.ranks.agree("building the network", self._build)
         start_epoch, start_step = 0, 0
         if cfg.resume_ckpt:
-            meta = load_train_state(self.train_step, cfg.resume_ckpt, self.net, self._cls_prefix)
-            start_epoch, start_step = int(meta["epoch"]), int(meta["step_in_epoch"])
-            self.best_top1 = float(meta.get("best_top1", -1.0))
-            if start_step >= self.steps_per_epoch:
-                start_epoch, start_step = start_epoch + 1, 0
+            start_epoch, start_step = self.ranks.agree("loading --resume_ckpt", self._resume)
+            if start_epoch >= cfg.epoch_size:
+                self.log.info(f"{cfg.resume_ckpt} has finished epoch {start_epoch} and epoch_size is {cfg.epoch_size}: "
+                              "nothing to train (raise --epoch_size to train longer)")
+                return 0
             self.log.info(f"resumed from {cfg.resume_ckpt} at epoch {start_epoch + 1} step {start_step}")
-        if self.dist.is_main:
-            save_config(cfg, os.path.join(self.ckpt.dir, "config.yaml"))
-            self.ckpt.write_json("class_names.json", self.classes)
+        self._on_main("writing the run's configuration", self._save_run_files)
         n_params = sum(int(np.prod(p.shape)) for p in self.net.trainable_params())
         self.log.info(f"{cfg.arch} {cfg.head}: {n_params:,} parameters, {len(self.classes)} classes, "
                       f"{self.steps_per_epoch} steps/epoch x {cfg.epoch_size} epochs, "
                       f"{self.dist.group_size} device(s) x batch {cfg.batch_size}")
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         self.bad_images = BadImageMonitor().start()
+        code = 0
         try:
             for epoch in range(start_epoch, cfg.epoch_size):
-                self._train_epoch(epoch, start_step if epoch == start_epoch else 0)
+                code = self._train_epoch(epoch, start_step if epoch == start_epoch else 0)
+                if code:
+                    break
         finally:
             self.bad_images.stop()
             for s, h in old_handlers.items():
@@ -157,74 +168,124 @@ class Trainer:
             os.makedirs(dump, exist_ok=True)
             np.savez(os.path.join(dump, f"rank_{self.dist.rank}.npz"),
                      **{p.name: p.asnumpy() for p in self.net.get_parameters()})
-        self.log.info(f"done: best val top-1 {100 * max(self.best_top1, 0):.2f}%, checkpoints in {self.ckpt.dir}")
-        return self.best_top1
+        if not code:
+            self.log.info(f"done: best val top-1 {100 * max(self.best_top1, 0):.2f}%, checkpoints in {self.ckpt.dir}")
+        return code
+
+    def _save_run_files(self):
+        save_config(self.cfg, os.path.join(self.ckpt.dir, "config.yaml"))
+        self.ckpt.write_json("class_names.json", self.classes)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
 
-    def _train_epoch(self, epoch, first_step):
+    def _stop_tensor(self):
+        # The step all-reduces every rank's request; a constant per value keeps the host copy cheap.
+        s = self.stop_signal
+        if s not in self._stop_values:
+            self._stop_values[s] = ms.Tensor(float(s), ms.float32)
+        return self._stop_values[s]
+
+    def _meta(self, epoch, step_in_epoch, top1=None):
         cfg = self.cfg
+        meta = {"arch": cfg.arch, "head": cfg.head, "num_classes": int(cfg.num_classes), "epoch": int(epoch),
+                "step_in_epoch": int(step_in_epoch), "best_top1": float(self.best_top1),
+                "steps_per_epoch": int(self.steps_per_epoch), "global_batch": int(self.global_batch)}
+        if top1 is not None:
+            meta["top1"] = float(top1)
+        return meta
+
+    def _finite_weights(self):
+        if all_finite(self.net):
+            return True
+        self.log.error("weights are not finite: checkpoints left as they were")
+        return False
+
+    def _train_epoch(self, epoch, first_step):
+        cfg, spe = self.cfg, self.steps_per_epoch
         dataset = self._dataset(True, epoch)
         if first_step:
             dataset = dataset.skip(first_step)
-        inject = int(os.environ.get(INJECT_NAN_ENV, -1))
-        total_steps = cfg.epoch_size * self.steps_per_epoch
-        batch = cfg.batch_size * self.dist.group_size
-        tick, tick_step, epoch_start = time.time(), first_step, time.time()
-        losses, overflows = [], 0
-        step = first_step
+        inject = _nan_step(self.dist.rank)
+        self._tick = (time.time(), first_step)
+        epoch_start = time.time()
+        losses, applied, pending, stop = [], [], None, 0
+        step = first_step - 1
         for step, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1), start=first_step):
-            if step >= self.steps_per_epoch:
+            if step >= spe:
+                step -= 1
                 break
-            global_step = epoch * self.steps_per_epoch + step
-            if global_step == inject:
+            if epoch * spe + step == inject:
                 images = images * float("nan")
-            loss, overflow, scale = self.train_step(images, labels)
-            loss, overflow = float(loss.asnumpy()), bool(overflow.asnumpy())
-            if overflow:
-                # Only a dynamic float16 loss scale overflows legitimately (it then lowers the scale).
-                overflows += 1
-                dynamic = self.train_step.scale_update is not None
-                if not dynamic or (not np.isfinite(loss) and float(scale.asnumpy()) <= 1.0) \
-                        or overflows >= MAX_CONSECUTIVE_OVERFLOWS:
-                    raise TrainingStopped(
-                        f"non-finite loss, gradients or BatchNorm statistics (loss {loss}) at epoch {epoch + 1} "
-                        f"step {step + 1} (global step {global_step}): the run stopped and no checkpoint was "
-                        f"written; lower --lr, check the data, or resume from {self.ckpt.latest}")
-            else:
-                overflows = 0
-                losses.append(loss)
-            if (step + 1) % cfg.log_interval == 0 or step + 1 == self.steps_per_epoch:
-                now = time.time()
-                ips = (step + 1 - tick_step) * batch / max(now - tick, 1e-9)
-                done = global_step + 1
-                eta = (total_steps - done) * (now - tick) / max(step + 1 - tick_step, 1)
-                self.log.info(f"epoch {epoch + 1}/{cfg.epoch_size} step {step + 1}/{self.steps_per_epoch} "
-                              f"loss {loss:.4f} lr {self.lr[global_step]:.6f} {ips:.1f} img/s eta {format_eta(eta)}")
-                tick, tick_step = now, step + 1
-            if self.stop_signal is not None:
-                if self._can_save():
-                    self.ckpt.save_latest(self.train_step, self._meta(epoch, step + 1))
-                self.log.info(f"signal {self.stop_signal}: saved {self.ckpt.latest} at epoch {epoch + 1} "
-                              f"step {step + 1}; continue with --resume_ckpt={self.ckpt.latest}")
-                raise SystemExit(128 + self.stop_signal)
-        epoch_time = time.time() - epoch_start
+            out = self.train_step(images, labels, self._stop_tensor())
+            if pending is not None:  # the previous step's control, read while this one runs
+                stop = self._check(pending, epoch, step - 1, applied)
+            pending = out[1]
+            losses.append(out[0])
+            if (step + 1) % cfg.log_interval == 0 or step + 1 == spe:
+                self._log_step(epoch, step, float(out[0].asnumpy()))
+            if stop:
+                break
+        if pending is not None and not stop:
+            stop = self._check(pending, epoch, step, applied)
+        done = step + 1
+        if stop and done < spe:
+            self._on_main("saving latest.ckpt", lambda: self._finite_weights() and
+                          self.ckpt.save_latest(self.train_step, self._meta(epoch, done)))
+            self.log.info(f"signal {stop}: saved {self.ckpt.latest} at epoch {epoch + 1} step {done}; "
+                          f"continue with --resume_ckpt={self.ckpt.latest}")
+            return 128 + stop
+        self._end_epoch(epoch, time.time() - epoch_start, losses, applied, done - first_step)
+        if stop:
+            self.log.info(f"signal {stop}: stopped after epoch {epoch + 1}; continue with "
+                          f"--resume_ckpt={self.ckpt.latest}")
+            return 128 + stop
+        return 0
+
+    def _check(self, control, epoch, step, applied):
+        """Act on a step's control vector (the same on every rank); returns the agreed stop signal."""
+        overflow, stop, scale = (float(v) for v in control.asnumpy())
+        applied.append(not overflow)
+        if not overflow:
+            self._overflows = 0
+            return int(stop)
+        self._overflows += 1
+        dynamic = self.train_step.scale_update is not None
+        where = f"epoch {epoch + 1} step {step + 1} (global step {epoch * self.steps_per_epoch + step})"
+        if not dynamic or scale <= 1.0 or self._overflows >= MAX_CONSECUTIVE_OVERFLOWS:
+            why = "non-finite loss, gradients or BatchNorm statistics" if not dynamic else \
+                f"{self._overflows} overflowing step(s) in a row, loss scale {scale:g}"
+            raise TrainingStopped(f"{why} at {where} on at least one rank: the run stopped and no checkpoint "
+                                  f"was written; lower --lr, check the data, or resume from {self.ckpt.latest}")
+        self.log.warning(f"{where}: overflow, step skipped on every rank (loss scale {scale:g} -> {scale / 2:g})")
+        return int(stop)
+
+    def _log_step(self, epoch, step, loss):
+        cfg, spe = self.cfg, self.steps_per_epoch
+        now, (tick, tick_step) = time.time(), self._tick
+        ips = (step + 1 - tick_step) * self.global_batch / max(now - tick, 1e-9)
+        global_step = epoch * spe + step
+        eta = (cfg.epoch_size * spe - global_step - 1) * (now - tick) / max(step + 1 - tick_step, 1)
+        self.log.info(f"epoch {epoch + 1}/{cfg.epoch_size} step {step + 1}/{spe} loss {loss:.4f} "
+                      f"lr {self.lr[global_step]:.6f} {ips:.1f} img/s eta {format_eta(eta)}")
+        self._tick = (now, step + 1)
+
+    def _end_epoch(self, epoch, epoch_time, losses, applied, steps):
+        cfg, spe = self.cfg, self.steps_per_epoch
+        kept = [float(v) for v, ok in zip(ms.ops.stack(losses).asnumpy(), applied) if ok] if losses else []
         bad_count, bad_new = self.bad_images.collect()
         for path in bad_new:
             self.log.warning(f"undecodable image ({cfg.bad_image_mode}d): {path}")
         if bad_count:
             self.log.warning(f"epoch {epoch + 1}: {bad_count} undecodable image(s) {cfg.bad_image_mode}d; "
                              "list them all with: python scripts/check_dataset.py DATA_PATH")
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
-               "lr": float(self.lr[min((epoch + 1) * self.steps_per_epoch - 1, len(self.lr) - 1)]),
-               "epoch_time": epoch_time,
-               "images_per_sec": (step + 1 - first_step) * batch / max(epoch_time, 1e-9)}
-        last = epoch + 1 == cfg.epoch_size
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(kept)) if kept else None,
+               "lr": float(self.lr[min((epoch + 1) * spe - 1, len(self.lr) - 1)]), "epoch_time": epoch_time,
+               "images_per_sec": steps * self.global_batch / max(epoch_time, 1e-9)}
         top1 = None
-        if self.has_val and ((epoch + 1) % cfg.eval_interval == 0 or last):
-            m = evaluate(self.net, self._dataset(False), cfg.eval_flip_average, self.dist.distributed,
-                         num_samples=shard_samples(self.val_dir, self.classes, self.dist))
+        if self.has_val and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epoch_size):
+            m = evaluate(self.eval_net, self._dataset(False), self.ranks,
+                         num_samples=shard_samples(self.val_dir, self.classes, self.dist.rank, self.dist.group_size))
             top1 = m["top1"]
             row.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
             self.log.info(f"epoch {epoch + 1}: val top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "
@@ -232,11 +293,17 @@ class Trainer:
         improved = top1 is not None and top1 > self.best_top1
         if improved:
             self.best_top1 = top1
-        if self._can_save():
+        self._on_main("writing checkpoints and metrics", lambda: self._save_epoch(epoch, top1, improved, row))
+
+    def _save_epoch(self, epoch, top1, improved, row):
+        if self._finite_weights():
             meta = self._meta(epoch, self.steps_per_epoch, top1)
             if improved or not self.has_val:  # no val set: best = last
                 self.ckpt.save_best(self.net, meta)
             self.ckpt.save_latest(self.train_step, meta)
-            if cfg.save_every_epochs > 0 and (epoch + 1) % cfg.save_every_epochs == 0:
+            if self.cfg.save_every_epochs > 0 and (epoch + 1) % self.cfg.save_every_epochs == 0:
                 self.ckpt.save_epoch(self.net, epoch + 1, meta)
         self.metrics.add(row)
+        delay = os.environ.pop(RANK0_DELAY_ENV, None)
+        if delay:
+            time.sleep(float(delay))

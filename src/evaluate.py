@@ -23,15 +23,6 @@ class EvalNet(nn.Cell):
         return logits
 
 
-class _AllReduceSum(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.op = ops.AllReduce()
-
-    def construct(self, x):
-        return self.op(x)
-
-
 def batch_stats(logits, labels):
     """(loss sum, top-1 hits, top-5 hits) of one batch, in float64 on the host."""
     logits = logits.astype(np.float64)
@@ -45,13 +36,15 @@ def batch_stats(logits, labels):
     return np.array([loss, top1, top5, len(labels)], np.float64)
 
 
-def evaluate(net, dataset, flip_average=False, distributed=False, progress=False, num_samples=None):
-    """Metrics as fractions: {'top1', 'top5', 'loss', 'num_images'} over the whole (sharded) dataset.
+def evaluate(eval_net, dataset, ranks=None, progress=False, num_samples=None):
+    """Metrics as fractions: {'top1', 'top5', 'loss', 'num_images'} over the whole dataset.
 
-    ``num_samples``: count only the first this many images of this rank's stream (the rest are the
-    repeats MindSpore pads a shard with)."""
+    ``eval_net``: an EvalNet, built once per run (each new one compiles again). ``ranks``: a
+    src.ranks.Ranks whose sum combines the shards of a data-parallel run. ``num_samples``: count only
+    the first this many images of this rank's stream (the rest are the repeats MindSpore pads a
+    shard with)."""
+    net = eval_net.net
     net.set_train(False)
-    eval_net = EvalNet(net, flip_average)
     totals = np.zeros(4, np.float64)
     steps = dataset.get_dataset_size()
     start = time.time()
@@ -65,8 +58,8 @@ def evaluate(net, dataset, flip_average=False, distributed=False, progress=False
             totals += batch_stats(logits, labels)
         if progress:
             _progress(i + 1, steps, start)
-    if distributed:
-        totals = _AllReduceSum()(ms.Tensor(totals.astype(np.float32))).asnumpy().astype(np.float64)
+    if ranks is not None:
+        totals = ranks.sum(totals)
     net.set_train(True)
     n = max(totals[3], 1.0)
     return {"top1": totals[1] / n, "top5": totals[2] / n, "loss": totals[0] / n, "num_images": int(totals[3])}

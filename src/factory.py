@@ -90,12 +90,35 @@ def _finite_grad(grad):
     return ops.isfinite(g.reshape(-1).sum())
 
 
+_copy = ops.MultitypeFuncGraph("copy")
+
+
+@_copy.register("Tensor")
+def _copy_tensor(x):
+    return x * 1
+
+
+_restore_stat = ops.MultitypeFuncGraph("restore_stat")
+
+
+@_restore_stat.register("Tensor", "Tensor")
+def _restore_stat_tensor(param, saved):
+    return ops.assign(param, saved)
+
+
 class TrainStep(nn.Cell):
     """Forward, backward, gradient all-reduce (data parallel) and update, skipped when the loss, a
-    gradient or a BatchNorm running statistic is non-finite. Returns (loss, overflow, loss scale).
+    gradient or a BatchNorm running statistic is non-finite on any rank.
 
-    The running statistics are checked because the forward updates them whatever happens to the
-    gradients: a NaN activation that ReLU hides from the loss still poisons them.
+    ``construct(images, labels, stop)`` returns (loss, control): this rank's loss and the float32
+    vector [overflow, stop, loss scale], the same on every rank. ``stop`` is this rank's request to
+    stop (a signal number, or 0); ``control[1]`` is the largest request over the ranks. The overflow
+    flag is all-reduced too (as MindSpore's TrainOneStepWithLossScaleCell does), so every rank skips
+    the same steps and the weights stay identical.
+
+    A skipped step leaves no trace: the forward updates BatchNorm's running statistics whatever
+    happens to the gradients (a NaN activation that ReLU hides from the loss still poisons them), so
+    they are saved before the step and put back when it is skipped.
 
     MindSpore's TrainOneStepWithLossScaleCell cannot serve here: on CPU it selects an Ascend-only
     overflow kernel. With ``scale_update`` (a DynamicLossScaleUpdateCell) the scale adapts.
@@ -115,12 +138,15 @@ class TrainStep(nn.Cell):
         # (a pass over all 57M of them); the gradients are then the same whatever scale_sense holds.
         self.unscale = scale_update is not None or float(loss_scale) != 1.0
         self.reducer = ops.identity
+        self.agree = ops.identity
         mode = ms.get_auto_parallel_context("parallel_mode")
         if mode in (ms.ParallelMode.DATA_PARALLEL, ms.ParallelMode.HYBRID_PARALLEL):
             from mindspore.communication import get_group_size
             self.reducer = nn.DistributedGradReducer(self.weights, True, get_group_size())
+            self.agree = ops.AllReduce(ops.ReduceOp.MAX)
 
-    def construct(self, images, labels):
+    def construct(self, images, labels, stop):
+        saved = self.hyper_map(_copy, self.stats)
         loss = self.network(images, labels)
         scale = self.scale_sense * 1.0
         sens = ops.ones_like(loss)
@@ -132,12 +158,16 @@ class TrainStep(nn.Cell):
         grads = self.reducer(grads)
         finite = ops.stack(self.hyper_map(_finite, grads) + self.hyper_map(_finite, self.stats)).all()
         finite = ops.logical_and(finite, ops.isfinite(loss))
-        overflow = ops.logical_not(finite)
+        flags = self.agree(ops.stack([ops.cast(ops.logical_not(finite), ms.float32), ops.cast(stop, ms.float32)]))
+        overflow = flags[0] > 0
         if self.scale_update is not None:
             overflow = self.scale_update(self.scale_sense, overflow)
-        if not overflow:
+        if overflow:
+            loss = ops.depend(loss, self.hyper_map(_restore_stat, self.stats, saved))
+        else:
             loss = ops.depend(loss, self.optimizer(grads))
-        return loss, overflow, scale
+        control = ops.stack([ops.cast(overflow, ms.float32), flags[1], scale])
+        return loss, control
 
 
 def build_train_step(cfg, net, optimizer):

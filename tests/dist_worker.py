@@ -52,7 +52,7 @@ def main(data_path, out_dir, run_distribute, device_num):
     for i, (images, labels) in enumerate(data.create_tuple_iterator(num_epochs=1)):
         if i == STEPS:
             break
-        step(images, labels)
+        step(images, labels, ms.Tensor(0.0, ms.float32))
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, f"rank_{dist.rank}.npz"), **{p.name: p.asnumpy() for p in net.get_parameters()})
 

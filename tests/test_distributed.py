@@ -1,11 +1,14 @@
 """Data parallelism on CPU: mpirun (the seed's launcher) and msrun, two processes each."""
 import os
 import random
+import re
+import shutil
 import signal
 import time
 import subprocess
 import sys
 
+import mindspore as ms
 import numpy as np
 import pytest
 
@@ -59,30 +62,137 @@ def test_no_bn_network_matches_single_process_under_mpirun_and_msrun(data, tmp_p
     assert moved < 1e-4
 
 
-def _train_distributed(data, out, launcher, tmp_path, extra=()):
-    dump = os.path.join(out, "weights")
-    args = tiny_flags(data, out, run_distribute=True, device_num=2, epoch_size=1, batch_size=4) + list(extra)
-    return run_script("train.py", args, cwd=tmp_path, launcher=launcher,
-                      env={"ISQRT_COV_DUMP_WEIGHTS": dump}), dump
+def _flags(data, out, **kw):
+    """The demo config on the user's own folders (demo_dataset stays 'digits'), two ranks."""
+    return tiny_flags(data, out, run_distribute=True, device_num=2, batch_size=4, demo_dataset="digits", **kw)
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "msrun"])
-def test_train_py_data_parallel(data, tmp_path, launcher):
+def _launcher(name, tmp_path):
+    return MPIRUN if name == "mpirun" else _msrun(str(tmp_path / f"mslog{random.randint(0, 10**6)}"))
+
+
+def _times(log, pattern):
+    """Seconds of the day of the log lines containing ``pattern``."""
+    out = []
+    for line in log.splitlines():
+        if pattern in line:
+            h, m, s = (int(v) for v in line[:8].split(":"))
+            out.append(3600 * h + 60 * m + s)
+    return out
+
+
+def _logs(out):
+    return [open(os.path.join(out, "logs", f"rank_{r}.log")).read() for r in (0, 1)]
+
+
+def _trained(path):
+    """The weights, without BN running statistics (per device by design)."""
+    weights = _load(path)
+    return {k: v for k, v in weights.items() if not k.endswith(("moving_mean", "moving_variance"))}
+
+
+def _check_lockstep(out, dump):
+    logs = _logs(out)
+    for log in logs:  # the user's 3 folders, not the digits demo, on every rank
+        assert "3 classes, 6 steps/epoch x 2 epochs, 2 device(s) x batch 4" in log and "epoch 2/2 step 6/6" in log
+    assert _times(logs[0], "val top-1")[0] <= _times(logs[0], "epoch 2/2 step 1/")[0]
+    # rank 1 waited for rank 0's slow epoch-end work (45 s, beyond the CPU collectives' 30 s default)
+    assert _times(logs[1], "epoch 2/2 step 1/")[0] - _times(logs[1], "epoch 1: val top-1")[0] >= 40
+    r0, r1 = _trained(os.path.join(dump, "rank_0.npz")), _trained(os.path.join(dump, "rank_1.npz"))
+    _assert_same(r0, r1, 0, 0)
+    assert all(np.isfinite(v).all() for v in r0.values())
+    return logs
+
+
+@pytest.fixture(scope="module")
+def lockstep_data(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("own")), train_per_class=16, val_per_class=2, size=24)
+
+
+@pytest.fixture(scope="module")
+def reference(lockstep_data, tmp_path_factory):
+    """msrun, uninterrupted, rank 0 45 s late after epoch 1: the reference run of the tests below."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out, dump = str(tmp / "out"), str(tmp / "weights")
+    run_script("train.py", _flags(lockstep_data, out), cwd=tmp, launcher=_launcher("msrun", tmp),
+               env={"ISQRT_COV_RANK0_DELAY": "45", "ISQRT_COV_DUMP_WEIGHTS": dump})
+    return out, dump
+
+
+def test_msrun_demo_config_on_own_data_waits_for_a_slow_rank0(reference):
+    _check_lockstep(*reference)
+    assert os.path.isfile(os.path.join(reference[0], "ckpt", "latest.ckpt"))
+
+
+def test_mpirun_slow_rank0_and_a_nan_on_rank1_only(lockstep_data, tmp_path):
+    """float16 (O2) with a dynamic loss scale: rank 1's NaN batch is skipped by both ranks, which stay
+    identical, and rank 0 is 45 s late after epoch 1."""
+    out, dump = str(tmp_path / "out"), str(tmp_path / "weights")
+    run_script("train.py", _flags(lockstep_data, out, amp_level="O2"), cwd=tmp_path, launcher=MPIRUN,
+               env={"ISQRT_COV_RANK0_DELAY": "45", "ISQRT_COV_DUMP_WEIGHTS": dump, "ISQRT_COV_INJECT_NAN_STEP": "2@1"})
+    for log in _check_lockstep(out, dump):
+        assert "epoch 1 step 3 (global step 2): overflow, step skipped on every rank (loss scale 1024 -> 512)" in log
+        assert log.count("overflow") == 1
+    left = subprocess.run(["pgrep", "-f", SCHEDULER_CODE], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout  # rank 0 stopped the scheduler it started
+
+
+def test_float32_nan_on_one_rank_stops_every_rank(lockstep_data, tmp_path):
+    proc = run_script("train.py", _flags(lockstep_data, str(tmp_path / "out")), cwd=tmp_path, launcher=MPIRUN,
+                      env={"ISQRT_COV_INJECT_NAN_STEP": "2@1"}, check=False)
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    message = ("error: non-finite loss, gradients or BatchNorm statistics at epoch 1 step 3 (global step 2) "
+               "on at least one rank: the run stopped and no checkpoint was written")
+    assert (proc.stdout + proc.stderr).count(message) == 2, proc.stdout[-3000:]
+
+
+def _stop_rank1_when(proc, out, line, sig=signal.SIGTERM, timeout=300):
+    log1 = os.path.join(out, "logs", "rank_1.log")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log1) and line in open(log1).read():
+            os.kill(_rank_pid(1), sig)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"rank 1 never logged '{line}'")
+
+
+def test_sigterm_to_one_rank_stops_both_and_resume_equals_uninterrupted(lockstep_data, reference, tmp_path):
     out = str(tmp_path / "out")
-    cmd = MPIRUN if launcher == "mpirun" else _msrun(str(tmp_path / "mslog"))
-    _, dump = _train_distributed(data, out, cmd, tmp_path)
-    r0, r1 = _load(os.path.join(dump, "rank_0.npz")), _load(os.path.join(dump, "rank_1.npz"))
-    trained = [k for k in r0 if not k.endswith(("moving_mean", "moving_variance"))]
-    _assert_same(r0, r1, 0, 0, trained)  # BN running statistics are per device, the weights are not
-    assert os.path.isfile(os.path.join(out, "logs", "rank_0.log"))
-    assert os.path.isfile(os.path.join(out, "logs", "rank_1.log"))
-    assert os.path.isfile(os.path.join(out, "ckpt", "latest.ckpt"))
-    log0 = open(os.path.join(out, "logs", "rank_0.log")).read()
-    assert "2 device(s) x batch 4" in log0 and "val top-1" in log0
-    if launcher == "mpirun":  # rank 0 stops the scheduler it started (src.distributed.exit_process)
-        left = subprocess.run(["pgrep", "-f", SCHEDULER_CODE],
-                              capture_output=True, text=True)
-        assert left.stdout.strip() == "", left.stdout
+    cmd = _msrun(str(tmp_path / "mslog")) + [os.path.join(ROOT, "train.py")] + _flags(lockstep_data, out)
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _stop_rank1_when(proc, out, "epoch 1/2 step 2/6")
+        proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    stopped = [re.findall(r"signal 15: saved \S+ at epoch 1 step (\d)", log) for log in _logs(out)]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, _logs(out)  # the same step on both ranks
+    latest = os.path.join(out, "ckpt", "latest.ckpt")
+    meta = ms.load_checkpoint(latest)
+    assert int(meta["epoch"].asnumpy()) == 0 and int(meta["step_in_epoch"].asnumpy()) == int(stopped[0][0]) < 6
+
+    run_script("train.py", _flags(lockstep_data, out, resume_ckpt=latest), cwd=tmp_path,
+               launcher=_launcher("msrun", tmp_path))
+    ref = ms.load_checkpoint(os.path.join(reference[0], "ckpt", "latest.ckpt"))
+    got = ms.load_checkpoint(latest)
+    for name, value in ref.items():
+        if name.startswith(("moments.", "layer", "conv", "fc.")) and "moving" not in name:
+            np.testing.assert_allclose(got[name].asnumpy(), value.asnumpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_resume_two_ranks_with_a_longer_or_shorter_epoch_size(lockstep_data, reference, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference[0], out)
+    latest = os.path.join(out, "ckpt", "latest.ckpt")
+    longer = run_script("train.py", _flags(lockstep_data, out, resume_ckpt=latest, epoch_size=3), cwd=tmp_path,
+                        launcher=MPIRUN)
+    log0 = _logs(out)[0]
+    assert "at epoch 3 step 0" in log0 and "epoch 3/3 step 6/6" in log0 and "epoch 2/3" not in log0, longer.stdout
+    assert int(ms.load_checkpoint(latest)["epoch"].asnumpy()) == 2
+    shorter = run_script("train.py", _flags(lockstep_data, out, resume_ckpt=latest, epoch_size=1), cwd=tmp_path,
+                         launcher=MPIRUN)
+    assert "has finished epoch 3 and epoch_size is 1: nothing to train" in shorter.stdout
 
 
 def test_device_num_mismatch_is_refused(data, tmp_path):

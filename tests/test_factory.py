@@ -57,14 +57,20 @@ def test_train_step_applies_finite_updates_and_refuses_nan(net):
     x = ms.Tensor(rng.normal(size=(4, 3, 32, 32)).astype(np.float32))
     y = ms.Tensor(np.array([0, 1, 2, 0], np.int32))
     before = _snapshot(net)
-    loss, overflow, scale = step(x, y)
-    assert np.isfinite(loss.asnumpy()) and not overflow.asnumpy() and scale.asnumpy() == 1.0
+    go = ms.Tensor(0.0, ms.float32)
+    loss, control = step(x, y, go)
+    overflow, stop, scale = control.asnumpy()
+    assert np.isfinite(loss.asnumpy()) and overflow == 0 and stop == 0 and scale == 1.0
     after = _snapshot(net)
     assert not np.allclose(after["fc.weight"], before["fc.weight"])
     assert int(opt.global_step.asnumpy().item()) == 1
 
-    loss, overflow, _ = step(x * float("nan"), y)
-    assert overflow.asnumpy()
+    loss, control = step(x * float("nan"), y, ms.Tensor(15.0, ms.float32))
+    assert tuple(control.asnumpy()[:2]) == (1.0, 15.0)  # overflow, and this rank's stop request passed on
     nan_after = _snapshot(net)
-    for name in ("fc.weight", "conv1.weight", "layer_reduce.weight"):  # no update applied
-        np.testing.assert_array_equal(nan_after[name], after[name])
+    # no trace of the skipped step: weights, and BN running statistics the NaN forward had poisoned
+    for name in ("fc.weight", "conv1.weight", "layer_reduce.weight", "bn1.moving_mean", "layer4.1.bn2.moving_variance",
+                 "layer_reduce_bn.moving_mean"):
+        np.testing.assert_array_equal(nan_after[name], after[name], err_msg=name)
+    loss, control = step(x, y, go)  # training goes on from the same state
+    assert np.isfinite(loss.asnumpy()) and control.asnumpy()[0] == 0

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import mindspore as ms
 import numpy as np
@@ -72,11 +71,33 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(data, tmp_path):
     meta = ms.load_checkpoint(latest)
     assert int(meta["epoch"].asnumpy()) == 0 and 2 <= int(meta["step_in_epoch"].asnumpy()) < 6
 
+    other_batch = run_script("train.py", tiny_flags(data, cut, resume_ckpt=latest, batch_size=4, **flags),
+                             cwd=tmp_path, check=False)
+    assert other_batch.returncode == 2 and other_batch.stderr.startswith("error: ") and "Traceback" not in other_batch.stderr
+    assert "stopped inside epoch 1" in other_batch.stderr and "--batch_size" in other_batch.stderr
+
     run_script("train.py", tiny_flags(data, cut, resume_ckpt=latest, **flags), cwd=tmp_path)
     a, b = _weights(os.path.join(full, "ckpt", "latest.ckpt")), _weights(latest)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_resume_with_a_longer_or_shorter_epoch_size(data, tmp_path):
+    """The schedule comes from the current config: a finished 2-epoch run extends to 3, and a run
+    already past the new end says so and exits 0. The learning-rate arrays of the checkpoint (of
+    another length) are not restored."""
+    out = str(tmp_path / "out")
+    run_script("train.py", tiny_flags(data, out, epoch_size=2, lr_schedule="step", lr_milestones="1"), cwd=tmp_path)
+    latest = os.path.join(out, "ckpt", "latest.ckpt")
+    longer = run_script("train.py", tiny_flags(data, out, epoch_size=3, lr_schedule="step", lr_milestones="1",
+                                               resume_ckpt=latest), cwd=tmp_path)
+    assert "at epoch 3 step 0" in longer.stdout and "epoch 3/3 step 6/6" in longer.stdout
+    assert "epoch 2/3" not in longer.stdout
+    assert "lr 0.005000" in longer.stdout  # step schedule: the lr after milestone 1, continued
+    assert int(ms.load_checkpoint(latest)["epoch"].asnumpy()) == 2
+    shorter = run_script("train.py", tiny_flags(data, out, epoch_size=2, resume_ckpt=latest), cwd=tmp_path)
+    assert "has finished epoch 3 and epoch_size is 2: nothing to train" in shorter.stdout
 
 
 def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):

@@ -18,7 +18,7 @@ one pipeline serves both (src/evaluate.py).
 import os
 
 from .bad_images import image_guard, set_bad_image_mode
-from .folder import DatasetError, image_extensions_all_cases, scan_image_folder
+from .folder import DatasetError, count_images, image_extensions_all_cases, scan_image_folder
 
 # Aspect-ratio range of random resized crop (torchvision's and fast-MPN-COV's).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -89,3 +89,10 @@ def create_dataset(split_dir, cfg, training, num_shards=1, shard_id=0, seed=0):
     ops = train_ops(cfg) if training else eval_ops(cfg)
     data = data.map(operations=ops, input_columns="image", num_parallel_workers=workers)
     return data.batch(int(cfg.batch_size), drop_remainder=bool(training), num_parallel_workers=workers)
+
+
+def shard_samples(split_dir, classes, shard_id, num_shards):
+    """Real images in shard ``shard_id`` of an unshuffled split: MindSpore deals samples round-robin
+    and pads shards to equal length with repeats, which evaluation must not count."""
+    total = sum(count_images(split_dir, classes).values())
+    return len(range(shard_id, total, num_shards))
