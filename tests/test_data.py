@@ -12,8 +12,8 @@ from PIL import Image
 
 from src.config import REPO_ROOT, load_config
 from src.data import (BadImageMonitor, DatasetError, check_class_match, create_dataset, describe_unread_files,
-                      find_unreadable_images, image_problem, maybe_prepare_demo, prepare_digits, scan_image_folder,
-                      unread_files)
+                      find_unreadable_images, image_problem, maybe_prepare_demo, pipeline_errors, prepare_digits,
+                      scan_image_folder, unread_files)
 from src.data.demo import MARKER, digits_split
 
 CLASSES = ["zebra", "ant", "mole"]  # created unsorted: labels must follow the sorted names
@@ -260,6 +260,13 @@ def test_pipeline_survives_bad_images(bad_folder, tmp_path, monkeypatch):
     cfg.bad_image_mode = "error"
     with pytest.raises(RuntimeError, match=r"(zero|text|truncated|gif)\.jpg"):
         _batches(create_dataset(split, cfg, training=False))
+    with pytest.raises(DatasetError, match=r"^undecodable image .*(zero|text|truncated|gif)\.jpg: \w.*"
+                                           r"\(bad_image_mode=error\)$"):
+        with pipeline_errors():
+            _batches(create_dataset(split, cfg, training=False))
+    with pytest.raises(RuntimeError, match="not about images"):
+        with pipeline_errors():
+            raise RuntimeError("not about images")
 
 
 def test_monitor_reports_each_bad_file_once_with_a_count_per_epoch(bad_folder, tmp_path, monkeypatch):

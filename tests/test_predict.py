@@ -40,7 +40,6 @@ def _predict(run, *args, check=True):
 
 def _eval_pipeline_probabilities(run):
     """Reference: the checkpoint on eval.py's own pipeline (create_dataset over val/), softmax in float64."""
-    import mindspore as ms
     from src.checkpoint import load_network
     from src.config import load_config
     from src.data import create_dataset

@@ -1,7 +1,9 @@
 """Undecodable images: keep training, and say which files they were, once each.
 
 The pipelines read every file through ``read_image``, ImageFolderDataset's ``decrypt`` hook: MindSpore
-calls it with the file's path from its loader threads, in this process. A file MindSpore's decoder
+calls it with the file's path from its C++ loader threads, in the process that iterates the pipeline
+(map workers, threads or processes, never run it), so the records are the trainer's to read. Only
+MindSpore's opt-in MS_INDEPENDENT_DATASET=True mode would move it elsewhere. A file MindSpore's decoder
 must not see (empty, not an image, a GIF/WebP renamed .jpg, a JPEG/PNG/BMP cut short) is recorded
 with its reason and handed on as an empty buffer; the decoder then fails on that sample and
 cfg.bad_image_mode decides: replace it by another sample, skip it, or stop (the error names the file).
@@ -14,6 +16,7 @@ its frame header and its scan, and writes a copy of any GIF/WebP into the workin
 slower, and it also finds the rare file that passes the checks but still fails to decode (training
 replaces those too; only MindSpore's own WARNING log lines name them).
 """
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +32,8 @@ _SIGNATURES = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 TAIL = 4096
 
 _MODES = {"replace": "REPLACE", "skip": "SKIP", "error": "RETURN"}
-_state = {"mode": "replace", "refused": 0}  # refused: reads handed on empty, since the process started
+# refused: reads handed on empty since the process started; stop: the DataError of bad_image_mode=error
+_state = {"mode": "replace", "refused": 0, "stop": None}
 _bad = {}                                   # path -> reason, in the order first met
 _lock = threading.Lock()
 
@@ -90,17 +94,35 @@ def _jpeg_header_problem(buf):
 
 def read_image(path):
     """ImageFolderDataset's ``decrypt`` hook: the file's bytes, or b"" (recorded) for a bad file."""
-    with open(path, "rb") as f:
-        data = f.read()
-    reason = image_problem(data)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        reason = image_problem(data)
+    except OSError as exc:  # vanished, no permission: one bad sample, not a stopped run
+        reason = f"cannot read ({exc.strerror})"
     if reason is None:
         return data
     if _state["mode"] == "error":  # MindSpore stops the pipeline with this message inside its own
-        raise DataError(f"undecodable image {path}: {reason} (bad_image_mode=error)")
+        _state["stop"] = DataError(f"undecodable image {path}: {reason} (bad_image_mode=error)")
+        raise _state["stop"]
     with _lock:
         _state["refused"] += 1
         _bad.setdefault(path, reason)
     return b""
+
+
+@contextlib.contextmanager
+def pipeline_errors():
+    """Around a pipeline's iteration: MindSpore's RuntimeError for a pipeline that bad_image_mode=error
+    stopped becomes read_image's DataError (one line at the CLI); any other error passes unchanged."""
+    _state["stop"] = None
+    try:
+        yield
+    except RuntimeError:
+        stop, _state["stop"] = _state["stop"], None
+        if stop is None:
+            raise
+        raise stop from None
 
 
 class BadImageMonitor:
