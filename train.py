@@ -4,7 +4,6 @@
         --data_path=/path/to/imagenet --output_path=./output
     mpirun -n 4 python train.py ... --run_distribute=True --device_num=4
 """
-import os
 import sys
 
 from src.cli import run_cli
@@ -12,9 +11,7 @@ from src.cli import run_cli
 
 def main(argv=None):
     from src.config import enter_output_dir, load_config
-    from src.data.bad_images import DATASET_WARNINGS_ENV
     cfg = enter_output_dir(load_config(argv))
-    os.environ.setdefault(*DATASET_WARNINGS_ENV)  # before mindspore: its warnings name bad files
     from src.engine import Trainer
     return Trainer(cfg).fit()
 

@@ -2,10 +2,13 @@
 
     python scripts/check_dataset.py DATA_PATH [--workers N]
 
-DATA_PATH holds train/ and val/ (or is itself a folder of class folders). Every image file is
-opened with Pillow (verify, then a full decode); files that fail, and files in a format MindSpore
-cannot decode (GIF, WebP renamed to .jpg), are printed one per line as "PATH: reason".
-The class folders are checked too (missing, empty, train/val mismatch).
+DATA_PATH holds train/ and val/ (or is itself a folder of class folders). Every image file that
+training reads (extensions .jpg .jpeg .png .bmp .tif .tiff, any case, directly in a class folder)
+goes through the pipeline's own checks and a full Pillow decode; files that fail, and files in a
+format MindSpore cannot decode (GIF, WebP renamed to .jpg), are printed one per line as "PATH: reason".
+Files that training never reads (other extensions such as .gif/.webp, files in sub-folders of class
+folders) are counted per kind and class. The class folders are checked too (missing, empty,
+train/val mismatch).
 Exit status: 0 all readable, 1 unreadable files or folder problems found, 2 bad usage.
 """
 import argparse
@@ -15,7 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.data import DatasetError, check_class_match, find_unreadable_images, scan_image_folder  # noqa: E402
+from src.data import (DatasetError, check_class_match, describe_unread_files, find_unreadable_images,  # noqa: E402
+                      scan_image_folder, unread_files)
 
 
 def check_folders(path):
@@ -45,10 +49,15 @@ def main(argv=None):
         print(f"error: dataset folder not found: {args.data_path}", file=sys.stderr)
         return 2
     problems, classes = check_folders(args.data_path)
+    unread = 0
     for p in problems:
         print(f"folder problem: {p}")
     for split, names in classes.items():
         print(f"{split or args.data_path}: {len(names)} classes")
+        split_dir = os.path.join(args.data_path, split) if split else args.data_path
+        unread += sum(sum(per_class.values()) for per_class in unread_files(split_dir).values())
+        for line in describe_unread_files(split_dir):
+            print(line)
     start = time.time()
     seen = [0]
     tty = sys.stderr.isatty()
@@ -62,7 +71,8 @@ def main(argv=None):
         print(file=sys.stderr)
     for path, reason in bad:
         print(f"{path}: {reason}")
-    print(f"{len(bad)} unreadable of {seen[0]} image(s), checked in {time.time() - start:.1f} s")
+    note = f" ({unread} other file(s) not read, listed above)" if unread else ""
+    print(f"{len(bad)} unreadable of {seen[0]} image(s){note}, checked in {time.time() - start:.1f} s")
     return 1 if bad or problems else 0
 
 

@@ -103,6 +103,10 @@ SCHEMA = [
     _K("pre_trained", "", "str", "initialise from this checkpoint (finetuning; a classifier of another size is skipped)"),
     _K("file_format", "MINDIR", "str", "export format", choices=["MINDIR", "ONNX", "AIR"]),
     _K("file_name", "", "str", "export file name without extension (default: <arch>_<head>)"),
+    _K("predict_path", "", "str", "predict.py: image file, folder (searched recursively) or quoted glob pattern"),
+    _K("top_k", 5, "int", "predict.py: most probable classes reported per image"),
+    _K("predict_output", "", "str", "predict.py: also write the predictions to this .csv or .json file"),
+    _K("mindir", "", "str", "predict.py: classify with this exported MINDIR file instead of a checkpoint"),
     _K("max_steps_per_epoch", 0, "int", "stop each epoch after N steps (0 = all; for smoke runs)"),
 ]
 SCHEMA_BY_NAME = {k.name: k for k in SCHEMA}
@@ -117,7 +121,7 @@ _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimen
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
         "label_smoothing": 0.0, "loss_scale": 1.0, "log_interval": 1, "eval_interval": 1,
-        "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0}
+        "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0, "top_k": 1}
 
 
 class Config:

@@ -22,8 +22,8 @@ import mindspore as ms
 
 from src.checkpoint import CheckpointManager, all_finite, load_network, load_train_state
 from src.config import save_config
-from src.data import (BadImageMonitor, check_class_match, create_dataset, prepare_digits, scan_image_folder,
-                      shard_samples)
+from src.data import (BadImageMonitor, check_class_match, create_dataset, describe_unread_files, pipeline_errors,
+                      prepare_digits, scan_image_folder, shard_samples)
 from src.data.demo import maybe_prepare_demo
 from src.distributed import init_distributed
 from src.errors import CheckpointError, DataError, TrainingStopped
@@ -175,6 +175,9 @@ class Trainer:
     def _save_run_files(self):
         save_config(self.cfg, os.path.join(self.ckpt.dir, "config.yaml"))
         self.ckpt.write_json("class_names.json", self.classes)
+        for split in [self.train_dir] + ([self.val_dir] if self.has_val else []):
+            for line in describe_unread_files(split):  # files of formats the decoder cannot read, named once
+                self.log.warning(line)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
@@ -211,21 +214,23 @@ class Trainer:
         epoch_start = time.time()
         losses, applied, pending, stop = [], [], None, 0
         step = first_step - 1
-        for step, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1), start=first_step):
-            if step >= spe:
-                step -= 1
-                break
-            if epoch * spe + step == inject:
-                images = images * float("nan")
-            out = self.train_step(images, labels, self._stop_tensor())
-            if pending is not None:  # the previous step's control, read while this one runs
-                stop = self._check(pending, epoch, step - 1, applied)
-            pending = out[1]
-            losses.append(out[0])
-            if (step + 1) % cfg.log_interval == 0 or step + 1 == spe:
-                self._log_step(epoch, step, float(out[0].asnumpy()))
-            if stop:
-                break
+        batches = enumerate(dataset.create_tuple_iterator(num_epochs=1), start=first_step)
+        with pipeline_errors():
+            for step, (images, labels) in batches:
+                if step >= spe:
+                    step -= 1
+                    break
+                if epoch * spe + step == inject:
+                    images = images * float("nan")
+                out = self.train_step(images, labels, self._stop_tensor())
+                if pending is not None:  # the previous step's control, read while this one runs
+                    stop = self._check(pending, epoch, step - 1, applied)
+                pending = out[1]
+                losses.append(out[0])
+                if (step + 1) % cfg.log_interval == 0 or step + 1 == spe:
+                    self._log_step(epoch, step, float(out[0].asnumpy()))
+                if stop:
+                    break
         if pending is not None and not stop:
             stop = self._check(pending, epoch, step, applied)
         done = step + 1
@@ -273,12 +278,6 @@ class Trainer:
     def _end_epoch(self, epoch, epoch_time, losses, applied, steps):
         cfg, spe = self.cfg, self.steps_per_epoch
         kept = [float(v) for v, ok in zip(ms.ops.stack(losses).asnumpy(), applied) if ok] if losses else []
-        bad_count, bad_new = self.bad_images.collect()
-        for path in bad_new:
-            self.log.warning(f"undecodable image ({cfg.bad_image_mode}d): {path}")
-        if bad_count:
-            self.log.warning(f"epoch {epoch + 1}: {bad_count} undecodable image(s) {cfg.bad_image_mode}d; "
-                             "list them all with: python scripts/check_dataset.py DATA_PATH")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(kept)) if kept else None,
                "lr": float(self.lr[min((epoch + 1) * spe - 1, len(self.lr) - 1)]), "epoch_time": epoch_time,
                "images_per_sec": steps * self.global_batch / max(epoch_time, 1e-9)}
@@ -290,6 +289,8 @@ class Trainer:
             row.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
             self.log.info(f"epoch {epoch + 1}: val top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "
                           f"loss {m['loss']:.4f} ({m['num_images']} images)")
+        for line in self.bad_images.epoch_lines(epoch + 1, cfg.bad_image_mode):  # train and val files
+            self.log.warning(line)
         improved = top1 is not None and top1 > self.best_top1
         if improved:
             self.best_top1 = top1

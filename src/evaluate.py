@@ -7,6 +7,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from src.data import pipeline_errors
+
 
 class EvalNet(nn.Cell):
     """Eval-mode logits (float32), averaged with the flipped image's when ``flip_average``."""
@@ -36,6 +38,13 @@ def batch_stats(logits, labels):
     return np.array([loss, top1, top5, len(labels)], np.float64)
 
 
+def _add_batch(totals, logits, labels, num_samples):
+    if num_samples is not None:  # drop the repeats that pad this rank's shard
+        keep = max(0, min(len(labels), num_samples - int(totals[3])))
+        logits, labels = logits[:keep], labels[:keep]
+    return totals + batch_stats(logits, labels) if len(labels) else totals
+
+
 def evaluate(eval_net, dataset, ranks=None, progress=False, num_samples=None):
     """Metrics as fractions: {'top1', 'top5', 'loss', 'num_images'} over the whole dataset.
 
@@ -48,16 +57,11 @@ def evaluate(eval_net, dataset, ranks=None, progress=False, num_samples=None):
     totals = np.zeros(4, np.float64)
     steps = dataset.get_dataset_size()
     start = time.time()
-    for i, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
-        logits = eval_net(images).asnumpy()
-        labels = labels.asnumpy().astype(np.int64)
-        if num_samples is not None:
-            keep = max(0, min(len(labels), num_samples - int(totals[3])))
-            logits, labels = logits[:keep], labels[:keep]
-        if len(labels):
-            totals += batch_stats(logits, labels)
-        if progress:
-            _progress(i + 1, steps, start)
+    with pipeline_errors():
+        for i, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
+            totals = _add_batch(totals, eval_net(images).asnumpy(), labels.asnumpy().astype(np.int64), num_samples)
+            if progress:
+                _progress(i + 1, steps, start)
     if ranks is not None:
         totals = ranks.sum(totals)
     net.set_train(True)

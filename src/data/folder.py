@@ -82,3 +82,49 @@ def count_images(split_dir, classes):
         with os.scandir(os.path.join(split_dir, c)) as it:
             out[c] = sum(1 for e in it if e.is_file() and is_image_file(e.name))
     return out
+
+
+def unread_files(split_dir):
+    """{kind: {class: count}} of the files under split_dir that ImageFolderDataset never reads. kind:
+    an extension outside IMAGE_EXTENSIONS (".gif", ".webp", "" for none) of a class folder's file,
+    SUBFOLDERS (it reads only a class folder's own files) or OUTSIDE (files beside the class
+    folders, under class "-"). Hidden files and folders are left out."""
+    out = {}
+
+    def add(kind, c, n):
+        if n:
+            out.setdefault(kind, {}).setdefault(c, 0)
+            out[kind][c] += n
+    with os.scandir(split_dir) as it:
+        top = [e for e in it if not e.name.startswith(".")]
+    add(OUTSIDE, "-", sum(1 for e in top if not e.is_dir()))
+    for c in sorted(e.name for e in top if e.is_dir()):
+        with os.scandir(os.path.join(split_dir, c)) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    add(SUBFOLDERS, c, sum(len([f for f in files if not f.startswith(".")])
+                                           for _, _, files in os.walk(e.path)))
+                elif not is_image_file(e.name):
+                    add(os.path.splitext(e.name)[1].lower(), c, 1)
+    return out
+
+
+SUBFOLDERS, OUTSIDE = "in sub-folders", "outside class folders"
+
+
+def describe_unread_files(split_dir):
+    """One line per kind of file that training never reads (see unread_files), naming its classes;
+    [] when every file is read. For the trainer's log (once per run) and check_dataset.py."""
+    from src.errors import name_list
+    special = {SUBFOLDERS: ("file(s) in sub-folders of class folders", "only a class folder's own files are read"),
+               OUTSIDE: ("file(s) beside the class folders", "each image belongs in its class folder")}
+    lines = []
+    for kind, per_class in sorted(unread_files(split_dir).items()):
+        what, why = special.get(kind) or (f"{kind or 'extension-less'} file(s)",
+                                          f"formats read: {' '.join(IMAGE_EXTENSIONS)}")
+        counts = sorted(per_class.items(), key=lambda cn: (-cn[1], cn[0]))
+        where = "" if kind == OUTSIDE else ": classes " + name_list([f"{c} ({n})" for c, n in counts], 6, False)
+        lines.append(f"{split_dir}: {sum(per_class.values())} {what} not read ({why}){where}")
+    return lines

@@ -17,7 +17,7 @@ one pipeline serves both (src/evaluate.py).
 """
 import os
 
-from .bad_images import image_guard, set_bad_image_mode
+from .bad_images import read_image, set_bad_image_mode
 from .folder import DatasetError, count_images, image_extensions_all_cases, scan_image_folder
 
 # Aspect-ratio range of random resized crop (torchvision's and fast-MPN-COV's).
@@ -34,16 +34,16 @@ def _size(v):
 
 
 def train_ops(cfg):
-    """The per-image C++ ops of training, in order (decode included)."""
+    """The per-image C++ ops of training, in order (decode included; the bytes come from read_image)."""
     import mindspore.dataset.vision as vision
     s = int(cfg.image_size)
     if cfg.train_transform == "random_resized_crop":
-        ops = [image_guard, vision.RandomCropDecodeResize((s, s), scale=tuple(cfg.crop_scale), ratio=CROP_RATIO)]
+        ops = [vision.RandomCropDecodeResize((s, s), scale=tuple(cfg.crop_scale), ratio=CROP_RATIO)]
     elif cfg.train_transform == "resize_random_crop":
-        ops = [image_guard, vision.Decode(), vision.Resize(_size(cfg.train_resize)),
+        ops = [vision.Decode(), vision.Resize(_size(cfg.train_resize)),
                vision.RandomCrop(s, pad_if_needed=True)]
     elif cfg.train_transform == "resize_center_crop":
-        ops = [image_guard, vision.Decode(), vision.Resize(_size(cfg.train_resize)), vision.CenterCrop(s)]
+        ops = [vision.Decode(), vision.Resize(_size(cfg.train_resize)), vision.CenterCrop(s)]
     else:
         raise ValueError(f"unknown train_transform '{cfg.train_transform}'")
     if cfg.hflip:
@@ -55,7 +55,7 @@ def eval_ops(cfg):
     """The per-image C++ ops of evaluation: decode, resize, centre crop, normalise, CHW."""
     import mindspore.dataset.vision as vision
     s = int(cfg.image_size)
-    return [image_guard, vision.Decode(), vision.Resize(_size(cfg.eval_resize)), vision.CenterCrop(s),
+    return [vision.Decode(), vision.Resize(_size(cfg.eval_resize)), vision.CenterCrop(s),
             vision.Normalize(list(cfg.mean), list(cfg.std)), vision.HWC2CHW()]
 
 
@@ -85,7 +85,8 @@ def create_dataset(split_dir, cfg, training, num_shards=1, shard_id=0, seed=0):
     shard = dict(num_shards=num_shards, shard_id=shard_id) if num_shards > 1 else {}
     data = ds.ImageFolderDataset(split_dir, num_parallel_workers=workers, shuffle=bool(training),
                                  extensions=image_extensions_all_cases(),
-                                 class_indexing={c: i for i, c in enumerate(classes)}, **shard)
+                                 class_indexing={c: i for i, c in enumerate(classes)}, decrypt=read_image,
+                                 **shard)
     ops = train_ops(cfg) if training else eval_ops(cfg)
     data = data.map(operations=ops, input_columns="image", num_parallel_workers=workers)
     return data.batch(int(cfg.batch_size), drop_remainder=bool(training), num_parallel_workers=workers)
