@@ -1,5 +1,6 @@
 """Builders shared by train.py, eval.py, export.py and the benchmarks: config -> network, loss,
 optimizer and training step. One place, so the scripts hold no if/elif chains of their own."""
+import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -139,11 +140,14 @@ class TrainStep(nn.Cell):
         self.unscale = scale_update is not None or float(loss_scale) != 1.0
         self.reducer = ops.identity
         self.agree = ops.identity
+        slot = np.ones(1, np.float32)  # this rank's place in the vector of stop requests
         mode = ms.get_auto_parallel_context("parallel_mode")
         if mode in (ms.ParallelMode.DATA_PARALLEL, ms.ParallelMode.HYBRID_PARALLEL):
-            from mindspore.communication import get_group_size
+            from mindspore.communication import get_group_size, get_rank
             self.reducer = nn.DistributedGradReducer(self.weights, True, get_group_size())
-            self.agree = ops.AllReduce(ops.ReduceOp.MAX)
+            self.agree = ops.AllReduce()  # a sum: MindSpore's CPU AllReduce has no max
+            slot = np.eye(get_group_size(), dtype=np.float32)[get_rank()]
+        self.slot = ms.Tensor(slot)
 
     def construct(self, images, labels, stop):
         saved = self.hyper_map(_copy, self.stats)
@@ -158,7 +162,8 @@ class TrainStep(nn.Cell):
         grads = self.reducer(grads)
         finite = ops.stack(self.hyper_map(_finite, grads) + self.hyper_map(_finite, self.stats)).all()
         finite = ops.logical_and(finite, ops.isfinite(loss))
-        flags = self.agree(ops.stack([ops.cast(ops.logical_not(finite), ms.float32), ops.cast(stop, ms.float32)]))
+        not_finite = ops.cast(ops.logical_not(finite), ms.float32).reshape(1)
+        flags = self.agree(ops.concat([not_finite, self.slot * ops.cast(stop, ms.float32)]))
         overflow = flags[0] > 0
         if self.scale_update is not None:
             overflow = self.scale_update(self.scale_sense, overflow)
@@ -166,7 +171,7 @@ class TrainStep(nn.Cell):
             loss = ops.depend(loss, self.hyper_map(_restore_stat, self.stats, saved))
         else:
             loss = ops.depend(loss, self.optimizer(grads))
-        control = ops.stack([ops.cast(overflow, ms.float32), flags[1], scale])
+        control = ops.stack([ops.cast(overflow, ms.float32), flags[1:].max(), scale])
         return loss, control
 
 

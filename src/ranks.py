@@ -17,9 +17,9 @@ from src.errors import UserError
 
 
 class _AllReduce(nn.Cell):
-    def __init__(self, op):
+    def __init__(self):
         super().__init__()
-        self.op = ops.AllReduce(op)
+        self.op = ops.AllReduce()
 
     def construct(self, x):
         return self.op(x)
@@ -34,23 +34,21 @@ class Ranks:
 
     def __init__(self, dist):
         self.dist = dist
-        self._cells = {}
+        self._all_reduce = None
 
-    def _reduce(self, values, op):
+    def sum(self, values):
+        """Element-wise sum over ranks of a float vector (exact for counts below 2^24). A sum is the
+        one reduction MindSpore's CPU AllReduce has; the other decisions are built on it."""
         values = np.asarray(values, np.float32).reshape(-1)
         if not self.dist.distributed:
             return values.astype(np.float64)
-        if op not in self._cells:
-            self._cells[op] = _AllReduce(op)
-        return self._cells[op](ms.Tensor(values)).asnumpy().astype(np.float64)
-
-    def sum(self, values):
-        """Element-wise sum over ranks of a float vector (exact for counts below 2^24)."""
-        return self._reduce(values, ops.ReduceOp.SUM)
+        if self._all_reduce is None:
+            self._all_reduce = _AllReduce()
+        return self._all_reduce(ms.Tensor(values)).asnumpy().astype(np.float64)
 
     def any(self, flag):
         """True on every rank when ``flag`` is true on at least one."""
-        return bool(self._reduce([1.0 if flag else 0.0], ops.ReduceOp.MAX)[0] > 0)
+        return bool(self.sum([1.0 if flag else 0.0])[0] > 0)
 
     def gather(self, value):
         """[value of rank 0, value of rank 1, ...] on every rank."""
