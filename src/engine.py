@@ -89,9 +89,8 @@ class Trainer:
         cfg = self.cfg
         self.net = build_network(cfg)
         if cfg.pre_trained:
-            _, skipped = load_network(self.net, cfg.pre_trained, self._cls_prefix, skip_classifier=True)
-            note = f"; new classifier ({', '.join(skipped)}) initialised" if skipped else ""
-            self.log.info(f"initialised from {cfg.pre_trained}{note}")
+            from src.checkpoint import load_pretrained
+            self.log.info(load_pretrained(self.net, cfg.pre_trained))
         size = self._dataset(True).get_dataset_size()
         if size == 0:
             raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "
