@@ -214,5 +214,6 @@ def test_checkpoint_scripts_read_the_config_saved_beside_the_checkpoint(tmp_path
     cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={tmp_path / 'elsewhere.ckpt'}"])
     assert cfg.config_path == DEFAULT_CONFIG and note.endswith("(default: no config.yaml beside "
                                                                f"{tmp_path / 'elsewhere.ckpt'})")
-    cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={ckpt}", f"--config_path={DEFAULT_CONFIG}"])
+    cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={ckpt}",
+                                                      f"--config_path={DEFAULT_CONFIG}"])
     assert cfg.config_path == DEFAULT_CONFIG and cfg.num_classes == 10 and note.endswith("(--config_path)")
