@@ -78,7 +78,7 @@ def test_pretrained_needs_the_whole_backbone(net):
         match_network(net, params, "x.ckpt", pre_trained=True)
 
 
-def test_train_from_a_converted_torchvision_backbone(data, tmp_path):
+def test_train_from_a_converted_torchvision_backbone(data, net, tmp_path):
     """torchvision-layout ResNet-18 state_dict -> convert_torch_checkpoint.py --head isqrt_cov ->
     train.py --pre_trained: the log names the head left at initialisation, and after a step at lr 0
     every backbone weight is the PyTorch one."""
@@ -95,7 +95,7 @@ def test_train_from_a_converted_torchvision_backbone(data, tmp_path):
     proc = run_script("train.py", tiny_flags(data, out, pre_trained=str(ckpt), lr=0, epoch_size=1,
                                              max_steps_per_epoch=1), cwd=tmp_path)
     line = next(x for x in proc.stdout.splitlines() if "initialised from" in x)
-    n_params = len(list(create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16).get_parameters()))
+    n_params = len(list(net.get_parameters()))
     assert f"{n_params - 7} parameters loaded; 7 left at initialisation: " in line
     assert ("fc.bias, fc.weight, layer_reduce.weight, layer_reduce_bn.beta, layer_reduce_bn.gamma, "
             "layer_reduce_bn.moving_mean, layer_reduce_bn.moving_variance (not in the checkpoint)") in line

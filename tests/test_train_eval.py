@@ -102,7 +102,7 @@ def test_eval_and_export_use_the_config_saved_with_the_checkpoint(data, tmp_path
     """eval.py / export.py given only the checkpoint (and the data) rebuild the run's network from
     RUN/ckpt/config.yaml and reproduce its best top-1; launch keys are not inherited; flags win."""
     run = str(tmp_path / "run")
-    run_script("train.py", tiny_flags(data, run), cwd=tmp_path)
+    run_script("train.py", tiny_flags(data, run, max_steps_per_epoch=3), cwd=tmp_path)
     saved = os.path.join(run, "ckpt", "config.yaml")
     # As if the run had been launched by mpirun on 8 GPUs (device_target kept: this machine has no GPU).
     text = open(saved).read()
