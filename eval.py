@@ -1,7 +1,10 @@
 """Evaluate a checkpoint on <data_path>/val: top-1, top-5, loss, parameters and FLOPs.
 
-    python eval.py --config_path=... --data_path=/path/to/imagenet --checkpoint_file_path=best.ckpt
-With no arguments it evaluates the demo run's best checkpoint (./output/ckpt/best.ckpt).
+    python eval.py --checkpoint_file_path=RUN/ckpt/best.ckpt --data_path=/path/to/imagenet
+uses the configuration the run saved beside its checkpoint (RUN/ckpt/config.yaml; launch keys such
+as run_distribute are not inherited, command-line keys win) and writes RUN/eval_metrics.json;
+--config_path=FILE uses FILE instead. With no arguments it evaluates the demo run's best
+checkpoint (./output/ckpt/best.ckpt).
 """
 import json
 import os
@@ -12,7 +15,7 @@ from src.cli import run_cli
 
 def main(argv=None):
     from src.checkpoint import load_network
-    from src.config import enter_output_dir, load_config
+    from src.config import enter_output_dir, load_checkpoint_config
     from src.data import create_dataset, scan_image_folder, check_class_match
     from src.distributed import init_distributed
     from src.data import shard_samples
@@ -20,9 +23,13 @@ def main(argv=None):
     from src.ranks import Ranks
     from src.factory import build_network
     from src.models import count_flops, count_params
+    from src.run_log import write_json
 
-    cfg = enter_output_dir(load_config(argv))
+    cfg, config_note = load_checkpoint_config(argv)
+    cfg = enter_output_dir(cfg)
     dist = init_distributed(cfg)
+    if dist.is_main:
+        print(config_note, flush=True)
     ckpt = cfg.checkpoint_file_path or os.path.join(cfg.output_path, "ckpt", "best.ckpt")
     val_dir = os.path.join(cfg.data_path, "val")
     classes = scan_image_folder(val_dir)
@@ -32,19 +39,19 @@ def main(argv=None):
         with open(saved_classes) as f:
             check_class_match(json.load(f), classes)
     net = build_network(cfg)
-    load_network(net, ckpt, getattr(net, "classifier_prefix", "fc."))
+    load_network(net, ckpt)
     metrics = evaluate(EvalNet(net, cfg.eval_flip_average), dataset, Ranks(dist), progress=dist.is_main,
                        num_samples=shard_samples(val_dir, classes, dist.rank, dist.group_size))
     flops = count_flops(net, cfg.image_size)
     metrics.update(checkpoint=os.path.abspath(ckpt), params=count_params(net), macs=flops["total"])
     if dist.is_main:
         os.makedirs(cfg.output_path, exist_ok=True)
-        with open(os.path.join(cfg.output_path, "eval_metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        write_json(os.path.join(cfg.output_path, "eval_metrics.json"), metrics)
         print(f"{cfg.arch} {cfg.head}: {metrics['params']:,} parameters, {flops['total'] / 1e9:.2f} G multiply-adds "
               f"at {cfg.image_size}x{cfg.image_size}")
         print(f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
               f"({metrics['num_images']} images, {ckpt})")
+        print(f"wrote {os.path.join(cfg.output_path, 'eval_metrics.json')}")
     return 0
 
 

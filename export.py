@@ -1,6 +1,8 @@
 """Export a checkpoint to MINDIR (or ONNX / AIR) for inference, input 1x3xSxS with S = image_size.
 
-    python export.py --config_path=... --checkpoint_file_path=best.ckpt --file_format=MINDIR
+    python export.py --checkpoint_file_path=RUN/ckpt/best.ckpt --file_format=MINDIR
+builds the network from the configuration the run saved beside its checkpoint (RUN/ckpt/config.yaml,
+command-line keys win; --config_path=FILE uses FILE instead) and writes RUN/<arch>_<head>.mindir.
 """
 import os
 import sys
@@ -12,16 +14,18 @@ def main(argv=None):
     import numpy as np
     import mindspore as ms
     from src.checkpoint import load_network
-    from src.config import enter_output_dir, load_config
+    from src.config import enter_output_dir, load_checkpoint_config
     from src.distributed import set_device
     from src.errors import ConfigError, first_line
     from src.factory import build_network
 
-    cfg = enter_output_dir(load_config(argv))
+    cfg, config_note = load_checkpoint_config(argv)
+    cfg = enter_output_dir(cfg)
+    print(config_note, flush=True)
     set_device(cfg.device_target, cfg.device_id, "GRAPH")
     ckpt = cfg.checkpoint_file_path or os.path.join(cfg.output_path, "ckpt", "best.ckpt")
     net = build_network(cfg)
-    load_network(net, ckpt, getattr(net, "classifier_prefix", "fc."))
+    load_network(net, ckpt)
     net.set_train(False)
     fmt = str(cfg.file_format).upper()
     if fmt not in ("MINDIR", "ONNX", "AIR"):

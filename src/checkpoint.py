@@ -1,7 +1,9 @@
 """Checkpoints: atomic writes, validated loading, and the rank-0 manager (latest / best / every N epochs).
 
 Atomic writes matter because a job killed while writing must leave the previous file loadable:
-every file is written to a temporary name in the same folder, flushed, then renamed over the old one.
+every file is written to a temporary name in the same folder, flushed, then renamed over the old one
+(src.run_log.atomic_write; a failed write, e.g. a full disk, removes the temporary file and raises
+a one-line CheckpointError).
 """
 import glob
 import os
@@ -12,15 +14,12 @@ import numpy as np
 import mindspore as ms
 
 from src.errors import CheckpointError, first_line, name_list
-from src.run_log import write_json
+from src.run_log import atomic_write, remove_stale_temporaries, write_json
 
 
 # Test hook: seconds to wait between writing the temporary file and renaming it, so a test can
 # kill the process at that moment.
 DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
-
-
-
 
 META_KEYS = ("epoch", "step_in_epoch", "arch", "head", "num_classes", "best_top1", "top1",
              "steps_per_epoch", "global_batch")
@@ -28,21 +27,19 @@ META_KEYS = ("epoch", "step_in_epoch", "arch", "head", "num_classes", "best_top1
 
 def save_atomic(save_obj, path, meta=None):
     """Write ``save_obj`` (a Cell or a list of {'name', 'data'}) to ``path`` atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # MindSpore appends ".ckpt" to names that lack it: keep the suffix on the temporary name.
-    tmp = os.path.join(folder, f".tmp{os.getpid()}.{os.path.basename(path)}")
-    ms.save_checkpoint(save_obj, tmp, append_dict=dict(meta or {}))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    if os.environ.get(DELAY_ENV):
-        time.sleep(float(os.environ[DELAY_ENV]))
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    def write(tmp):
+        # MindSpore appends ".ckpt" to names that lack it: the temporary name keeps the suffix.
+        ms.save_checkpoint(save_obj, tmp, append_dict=dict(meta or {}))
+        if os.environ.get(DELAY_ENV):
+            time.sleep(float(os.environ[DELAY_ENV]))
+    atomic_write(path, write, needed_bytes=_payload_bytes(save_obj))
+
+
+def _payload_bytes(save_obj):
+    """Bytes of the tensors a checkpoint of ``save_obj`` holds (the file is a little larger)."""
+    if isinstance(save_obj, ms.nn.Cell):
+        return sum(p.nbytes for p in save_obj.get_parameters())
+    return sum(getattr(item["data"], "nbytes", 0) for item in save_obj)
 
 
 def read_checkpoint(path):
@@ -63,50 +60,56 @@ def read_checkpoint(path):
     return params, meta
 
 
-def match_network(net, params, path, classifier_prefix="fc.", skip_classifier=False):
-    """The subset of ``params`` to load into ``net``; raises CheckpointError listing what does not fit.
+def head_parameter_names(net):
+    """Names of the parameters of ``net``'s head, its ``representation`` and ``classifier`` cells:
+    what a finetuning may start afresh (another head, another number of classes)."""
+    return {p.name for cell in (net.representation, net.classifier) for p in cell.get_parameters()}
 
-    Extra entries that belong to training state (optimizer moments, step counters, loss scale) are
-    ignored. With ``skip_classifier`` a classifier of another shape is left out (finetuning).
+
+def match_network(net, params, path, pre_trained=False):
+    """The entries of ``params`` to load into ``net``, and {name: why} of those left at initialisation.
+
+    Every parameter of ``net`` must be in ``params`` with its shape; extra entries of the training
+    state (optimizer moments, step counters, loss scale) are ignored. With ``pre_trained``
+    (finetuning) the head's parameters may be absent or of another shape: they keep their
+    initialisation. Anything else that does not fit raises CheckpointError listing it.
     """
-    wanted = {p.name: p for p in net.get_parameters()}
-    missing, shape_bad, skipped, chosen = [], [], [], {}
-    for name, param in wanted.items():
-        if name not in params:
-            missing.append(name)
-            continue
-        src = params[name]
-        if tuple(src.shape) != tuple(param.shape):
-            if skip_classifier and name.startswith(classifier_prefix):
-                skipped.append(name)
-                continue
-            shape_bad.append(f"{name} {tuple(src.shape)} vs {tuple(param.shape)}")
-            continue
-        chosen[name] = src
-    if skip_classifier:
-        missing_cls = [n for n in missing if n.startswith(classifier_prefix)]
-        skipped += missing_cls
-        missing = [n for n in missing if not n.startswith(classifier_prefix)]
+    wanted = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    absent = [n for n in wanted if n not in params]
+    reshaped = [n for n in wanted if n in params and tuple(params[n].shape) != wanted[n]]
     unexpected = [n for n in params if n not in wanted and not _is_training_state(n)]
-    if missing or shape_bad or unexpected:
-        fc_w = classifier_prefix + "weight"
-        hint = ""
-        if fc_w in params and fc_w in wanted and params[fc_w].shape[0] != wanted[fc_w].shape[0] \
-                and not missing and not unexpected and all(s.startswith(classifier_prefix) for s in shape_bad):
-            hint = (f"; the checkpoint has {params[fc_w].shape[0]} classes and the network "
-                    f"{wanted[fc_w].shape[0]}: set --num_classes={params[fc_w].shape[0]}, or use --pre_trained "
-                    "to start a finetuning with a new classifier")
-        else:
-            hint = "; was it saved for another --arch/--head/--dimension_reduction?"
+    left = {}
+    if pre_trained:
+        head = head_parameter_names(net)
+        left.update({n: "not in the checkpoint" for n in absent if n in head})
+        left.update({n: "another shape in the checkpoint" for n in reshaped if n in head})
+        absent = [n for n in absent if n not in left]
+        reshaped = [n for n in reshaped if n not in left]
+    if absent or reshaped or unexpected:
         parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {name_list(missing)}")
+        if absent:
+            parts.append(f"missing {len(absent)}: {name_list(absent)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {name_list(unexpected)}")
-        if shape_bad:
-            parts.append(f"wrong shape {len(shape_bad)}: {name_list(shape_bad, 4)}")
-        raise CheckpointError(f"checkpoint '{path}' does not fit the network ({'; '.join(parts)}){hint}")
-    return chosen, skipped
+        if reshaped:
+            shapes = [f"{n} {tuple(params[n].shape)} vs {wanted[n]}" for n in reshaped]
+            parts.append(f"wrong shape {len(reshaped)}: {name_list(shapes, 4)}")
+        raise CheckpointError(f"checkpoint '{path}' does not fit the network ({'; '.join(parts)})"
+                              f"{_misfit_hint(net, params, absent, reshaped, unexpected, pre_trained)}")
+    return {n: params[n] for n in wanted if n not in left}, left
+
+
+def _misfit_hint(net, params, absent, reshaped, unexpected, pre_trained):
+    classifier = {p.name: tuple(p.shape) for p in net.classifier.get_parameters()}
+    if reshaped and not absent and not unexpected and set(reshaped) <= set(classifier):
+        theirs, ours = params[reshaped[0]].shape[0], classifier[reshaped[0]][0]
+        if theirs != ours:
+            return (f"; the checkpoint has {theirs} classes and the network {ours}: set --num_classes={theirs}, "
+                    "or use --pre_trained to start a finetuning with a new classifier")
+    if pre_trained:
+        return ("; --pre_trained needs the whole backbone and nothing this network lacks (only the "
+                "representation and classifier may be absent or differ): was it saved for another --arch or --head?")
+    return "; was it saved for another --arch/--head/--dimension_reduction?"
 
 
 def _is_training_state(name):
@@ -116,21 +119,38 @@ def _is_training_state(name):
             or name in ("global_step", "learning_rate", "momentum"))
 
 
-def load_network(net, path, classifier_prefix="fc.", skip_classifier=False):
-    """Load a checkpoint into ``net`` after checking it fits; returns (meta, skipped names)."""
+def load_network(net, path, *, pre_trained=False):
+    """Load a checkpoint into ``net`` after checking it fits (see match_network).
+
+    Returns (metadata, {name: why} of the parameters left at initialisation)."""
     params, meta = read_checkpoint(path)
-    chosen, skipped = match_network(net, params, path, classifier_prefix, skip_classifier)
+    chosen, left = match_network(net, params, path, pre_trained)
     ms.load_param_into_net(net, chosen, strict_load=True)
-    return meta, skipped
+    return meta, left
 
 
-def load_train_state(train_cell, path, net, classifier_prefix="fc."):
+def load_pretrained(net, path):
+    """--pre_trained: initialise ``net`` from ``path`` (the backbone completely, the head where it
+    fits, e.g. a torchvision backbone converted for iSQRT-COV). Returns the line to log."""
+    _, left = load_network(net, path, pre_trained=True)
+    loaded = sum(1 for p in net.get_parameters() if p.name not in left)
+    line = f"initialised from {path}: {loaded} parameters loaded"
+    if not left:
+        return line
+    by_reason = {}
+    for name, why in left.items():
+        by_reason.setdefault(why, []).append(name)
+    return line + f"; {len(left)} left at initialisation: " + "; ".join(
+        f"{name_list(names)} ({why})" for why, names in by_reason.items())
+
+
+def load_train_state(train_cell, path, net):
     """Load a full training state (network, optimizer moments, loss scale) for --resume_ckpt.
 
     The optimizer's per-step learning-rate arrays are not restored: the schedule is the current
     config's (a longer epoch_size extends it), and the caller sets the optimizer's step."""
     params, meta = read_checkpoint(path)
-    match_network(net, params, path, classifier_prefix)
+    match_network(net, params, path)
     state_names = {p.name for p in train_cell.get_parameters() if not p.name.startswith("learning_rate")}
     absent = sorted(n for n in state_names if n not in params)
     if absent:
@@ -155,8 +175,12 @@ class CheckpointManager:
         self.dir = ckpt_dir
         self.keep_max = keep_max
         self.enabled = enabled
+        self.removed_temporaries = []
         if enabled:
             os.makedirs(ckpt_dir, exist_ok=True)
+            # A process killed while writing (SIGKILL, power loss) leaves a temporary file as large
+            # as a checkpoint: on a nearly full disk the next attempt would fail for its sake.
+            self.removed_temporaries = remove_stale_temporaries(ckpt_dir)
 
     @property
     def latest(self):

@@ -11,11 +11,11 @@ Nothing is built at import time: call ``load_config()`` from the entry point.
 import difflib
 import os
 import sys
-import tempfile
 
 import yaml
 
 from src.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+from src.run_log import write_text
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "digits_demo_config.yaml")
@@ -42,7 +42,8 @@ SCHEMA = [
     _K("config_path", "", "str", "YAML file with the run's settings (relative paths: from the working directory)"),
     _K("data_path", "", "str", "dataset root holding train/ and val/ class folders (ImageNet layout)"),
     _K("output_path", "./output", "str", "folder for checkpoints, logs, metrics and the saved config"),
-    _K("checkpoint_file_path", "", "str", "checkpoint to evaluate or export (eval.py / export.py)"),
+    _K("checkpoint_file_path", "", "str",
+       "checkpoint to evaluate or export (eval.py / export.py); without --config_path, its folder's config.yaml"),
     _K("device_target", "CPU", "str", "hardware to run on", choices=["CPU", "GPU", "Ascend"]),
     _K("device_id", 0, "int", "device index for single-device runs"),
     _K("run_distribute", False, "bool", "data-parallel training over all ranks (mpirun / msrun)"),
@@ -100,7 +101,8 @@ SCHEMA = [
     _K("save_every_epochs", 1, "int", "keep a numbered checkpoint every N epochs"),
     _K("keep_checkpoint_max", 5, "int", "numbered checkpoints kept (older ones are deleted)"),
     _K("resume_ckpt", "", "str", "resume a run from this checkpoint (epoch, step, optimizer state)"),
-    _K("pre_trained", "", "str", "initialise from this checkpoint (finetuning; a classifier of another size is skipped)"),
+    _K("pre_trained", "", "str",
+       "initialise from this checkpoint (finetuning): whole backbone, representation and classifier where they fit"),
     _K("file_format", "MINDIR", "str", "export format", choices=["MINDIR", "ONNX", "AIR"]),
     _K("file_name", "", "str", "export file name without extension (default: <arch>_<head>)"),
     _K("predict_path", "", "str", "predict.py: image file, folder (searched recursively) or quoted glob pattern"),
@@ -329,11 +331,13 @@ def _check_values(values, sources):
         fail("train_transform", f"'{values['train_transform']}' needs train_resize (e.g. --train_resize=256)")
 
 
-def load_config(argv=None, default_config_path=DEFAULT_CONFIG):
+def load_config(argv=None, default_config_path=DEFAULT_CONFIG, not_inherited=()):
     """Merge schema defaults < YAML (--config_path, else default_config_path) < command line.
 
     argv: the command-line arguments without the program name (default sys.argv[1:]).
-    -h/--help prints every key with its help and exits. Raises ConfigError on any bad input.
+    not_inherited: keys whose YAML values are ignored (they keep their defaults unless the command
+    line sets them). -h/--help prints every key with its help and exits. Raises ConfigError on
+    any bad input.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -349,8 +353,9 @@ def load_config(argv=None, default_config_path=DEFAULT_CONFIG):
         name = str(name)
         if name not in SCHEMA_BY_NAME:
             raise ConfigError(f"config file {path}: unknown key '{name}'{_suggest(name)}")
-        values[name] = _coerce(SCHEMA_BY_NAME[name], value, f"config file {path}")
-        sources[name] = f"config file {path}"
+        value = _coerce(SCHEMA_BY_NAME[name], value, f"config file {path}")
+        if name not in not_inherited:
+            values[name], sources[name] = value, f"config file {path}"
     for name, value in cli.items():
         values[name] = value
         sources[name] = "command line"
@@ -379,17 +384,48 @@ def save_config(cfg, path):
         text = yaml.safe_dump({k.name: d[k.name]}, default_flow_style=True, width=1000).strip()
         text = text[1:-1] if text.startswith("{") and text.endswith("}") else text
         lines.append(f"{text}  # {k.help}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, "\n".join(lines) + "\n")
+
+
+# The trainer saves its final configuration beside the checkpoints (<output_path>/ckpt/config.yaml).
+SAVED_CONFIG = "config.yaml"
+# Keys of a saved configuration that say how that run was launched, not what it trained: eval.py
+# and export.py keep their defaults (one process on one device, even for a run trained with mpirun
+# on 8 GPUs) unless the command line sets them. output_path becomes the run's folder as it is now
+# (the parent of ckpt/): the saved absolute path is stale once a run folder is moved or copied.
+LAUNCH_KEYS = ("run_distribute", "device_num", "device_id", "resume_ckpt", "pre_trained", "output_path",
+               "checkpoint_file_path")
+
+
+def load_checkpoint_config(argv=None):
+    """Configuration of a script that reads a checkpoint (eval.py, export.py), and a line saying
+    which configuration it is.
+
+    --config_path wins. Otherwise the configuration the trainer saved beside the checkpoint
+    (--checkpoint_file_path, else <output_path>/ckpt/best.ckpt) is used, without LAUNCH_KEYS, and
+    the command line still overrides any key. With no saved configuration: the default (demo) one.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cli = {} if "-h" in argv or "--help" in argv else _parse_argv(argv)
+    if cli.get("config_path"):
+        cfg = load_config(argv)
+        return cfg, f"config: {cfg.config_path} (--config_path)"
+    ckpt = cli.get("checkpoint_file_path") or os.path.join(
+        cli.get("output_path") or SCHEMA_BY_NAME["output_path"].default, "ckpt", "best.ckpt")
+    saved = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(ckpt))), SAVED_CONFIG)
+    if not os.path.isfile(saved):
+        cfg = load_config(argv)
+        return cfg, f"config: {cfg.config_path} (default: no {SAVED_CONFIG} beside {ckpt})"
+    cfg = load_config(argv, default_config_path=saved, not_inherited=LAUNCH_KEYS)
+    if "output_path" not in cli:
+        cfg.output_path = os.path.dirname(os.path.dirname(saved))
+    launch = _read_yaml(saved)
+    dropped = [f"{k}={launch[k]}" for k in LAUNCH_KEYS if k in launch and k not in cli
+               and k not in ("output_path", "checkpoint_file_path") and launch[k] != SCHEMA_BY_NAME[k].default]
+    note = f"config: {saved} (saved by the run; command-line keys win"
+    if dropped:
+        note += f"; launch settings not inherited: {', '.join(dropped)}"
+    return cfg, note + ")"
 
 
 PATH_KEYS = ("config_path", "data_path", "output_path", "checkpoint_file_path", "resume_ckpt", "pre_trained",

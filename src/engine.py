@@ -20,7 +20,7 @@ import time
 import numpy as np
 import mindspore as ms
 
-from src.checkpoint import CheckpointManager, all_finite, load_network, load_train_state
+from src.checkpoint import CheckpointManager, all_finite, load_pretrained, load_train_state
 from src.config import save_config
 from src.data import (BadImageMonitor, check_class_match, create_dataset, describe_unread_files, pipeline_errors,
                       prepare_digits, scan_image_folder, shard_samples)
@@ -97,9 +97,7 @@ class Trainer:
         cfg = self.cfg
         self.net = build_network(cfg)
         if cfg.pre_trained:
-            _, skipped = load_network(self.net, cfg.pre_trained, self._cls_prefix, skip_classifier=True)
-            note = f"; new classifier ({', '.join(skipped)}) initialised" if skipped else ""
-            self.log.info(f"initialised from {cfg.pre_trained}{note}")
+            self.log.info(load_pretrained(self.net, cfg.pre_trained))
         size = self._dataset(True).get_dataset_size()
         if size == 0:
             raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "
@@ -111,14 +109,10 @@ class Trainer:
         self.eval_net = EvalNet(self.net, cfg.eval_flip_average)  # compiled once per run
         self._stop_values = {}
 
-    @property
-    def _cls_prefix(self):
-        return getattr(self.net, "classifier_prefix", "fc.")
-
     def _resume(self):
         """(epoch, step) to start at; the lr schedule stays the current config's."""
         cfg, spe = self.cfg, self.steps_per_epoch
-        meta = load_train_state(self.train_step, cfg.resume_ckpt, self.net, self._cls_prefix)
+        meta = load_train_state(self.train_step, cfg.resume_ckpt, self.net)
         epoch, step = int(meta["epoch"]), int(meta["step_in_epoch"])
         saved = (int(meta.get("steps_per_epoch", spe)), int(meta.get("global_batch", self.global_batch)))
         if step >= saved[0]:
@@ -175,6 +169,8 @@ class Trainer:
     def _save_run_files(self):
         save_config(self.cfg, os.path.join(self.ckpt.dir, "config.yaml"))
         self.ckpt.write_json("class_names.json", self.classes)
+        for path in self.ckpt.removed_temporaries:
+            self.log.info(f"removed {path}, left by a process killed while writing")
         for split in [self.train_dir] + ([self.val_dir] if self.has_val else []):
             for line in describe_unread_files(split):  # files of formats the decoder cannot read, named once
                 self.log.warning(line)

@@ -191,3 +191,29 @@ def test_paper_and_finetuning_recipes():
                    for n in ("cub200", "aircraft", "cars"))
     for ref in ("88.0", "90.3", "92.3"):
         assert ref in text
+
+
+def test_checkpoint_scripts_read_the_config_saved_beside_the_checkpoint(tmp_path):
+    trained = load_config(["--config_path", DEFAULT_CONFIG, "--num_classes=7", "--head=gap", "--run_distribute=True",
+                           "--device_num=8", "--device_id=3", f"--output_path={tmp_path / 'old_place'}"])
+    run = tmp_path / "run"
+    save_config(trained, str(run / "ckpt" / "config.yaml"))
+    ckpt = str(run / "ckpt" / "best.ckpt")
+    cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={ckpt}", "--batch_size=3"])
+    saved = str(run / "ckpt" / "config.yaml")
+    assert cfg.config_path == saved and cfg.num_classes == 7 and cfg.head == "gap"   # the run's network
+    assert cfg.batch_size == 3 and cfg.sources["batch_size"] == "command line"      # the command line wins
+    assert (cfg.run_distribute, cfg.device_num, cfg.device_id) == (False, 1, 0)      # one process, device 0
+    assert cfg.output_path == str(run)                                               # the run's folder as it is now
+    assert note == (f"config: {saved} (saved by the run; command-line keys win; launch settings not inherited: "
+                    "run_distribute=True, device_num=8, device_id=3)")
+    cfg, _ = config_module.load_checkpoint_config([f"--checkpoint_file_path={ckpt}", "--run_distribute=True",
+                                                   "--device_num=2", "--output_path=o"])
+    assert (cfg.run_distribute, cfg.device_num, cfg.output_path) == (True, 2, "o")
+    # Without the file beside the checkpoint, or with --config_path, that file is not read.
+    cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={tmp_path / 'elsewhere.ckpt'}"])
+    assert cfg.config_path == DEFAULT_CONFIG and note.endswith("(default: no config.yaml beside "
+                                                               f"{tmp_path / 'elsewhere.ckpt'})")
+    cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={ckpt}",
+                                                      f"--config_path={DEFAULT_CONFIG}"])
+    assert cfg.config_path == DEFAULT_CONFIG and cfg.num_classes == 10 and note.endswith("(--config_path)")

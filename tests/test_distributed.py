@@ -219,7 +219,7 @@ def test_float16_amp_on_cpu_is_refused_with_the_fix(data, tmp_path):
 SCRIPTS = {
     "run_distribute_train_gpu.sh": "DATA_PATH CONFIG_PATH DEVICE_NUM [RESUME_CKPT]",
     "run_standalone_train_gpu.sh": "DATA_PATH CONFIG_PATH [RESUME_CKPT]",
-    "run_eval_gpu.sh": "DATA_PATH CHECKPOINT_PATH CONFIG_PATH",
+    "run_eval_gpu.sh": "DATA_PATH CHECKPOINT_PATH [CONFIG_PATH]",
     "run_distribute_train_cpu.sh": "DATA_PATH CONFIG_PATH WORKER_NUM",
     "run_finetune_gpu.sh": "DATA_PATH CONFIG_PATH PRETRAINED_CKPT [DEVICE_NUM]",
 }

@@ -117,3 +117,44 @@ def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):
     x = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
     exported = ms.nn.GraphCell(ms.load(mindir))
     np.testing.assert_allclose(exported(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_and_export_use_the_config_saved_with_the_checkpoint(data, tmp_path):
+    """eval.py / export.py given only the checkpoint (and the data) rebuild the run's network from
+    RUN/ckpt/config.yaml and reproduce its best top-1; launch keys are not inherited; flags win."""
+    run = str(tmp_path / "run")
+    run_script("train.py", tiny_flags(data, run, max_steps_per_epoch=3), cwd=tmp_path)
+    saved = os.path.join(run, "ckpt", "config.yaml")
+    # As if the run had been launched by mpirun on 8 GPUs (device_target kept: this machine has no GPU).
+    text = open(saved).read()
+    for key, value in (("run_distribute", "true"), ("device_num", "8"), ("device_id", "3")):
+        assert f"\n{key}: " in text
+        text = "\n".join(f"{key}: {value}" if line.startswith(f"{key}: ") else line for line in text.splitlines())
+    open(saved, "w").write(text + "\n")
+    best_ckpt = os.path.join(run, "ckpt", "best.ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    ev = run_script("eval.py", [f"--checkpoint_file_path={best_ckpt}", f"--data_path={data}"], cwd=elsewhere)
+    assert f"config: {saved} (saved by the run; command-line keys win; launch settings not inherited: " \
+           "run_distribute=True, device_num=8, device_id=3)" in ev.stdout
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    metrics = json.load(open(os.path.join(run, "eval_metrics.json")))  # output_path: the run's folder
+    assert metrics["num_images"] == 12
+    assert metrics["top1"] == pytest.approx(max(r["val_top1"] for r in rows), abs=1e-9)
+
+    wrong = run_script("eval.py", [f"--checkpoint_file_path={best_ckpt}", f"--data_path={data}",
+                                   "--dimension_reduction=8"], cwd=elsewhere, check=False)
+    assert wrong.returncode == 2 and "wrong shape" in wrong.stderr and "layer_reduce.weight" in wrong.stderr
+
+    ex = run_script("export.py", [f"--checkpoint_file_path={best_ckpt}"], cwd=elsewhere)
+    assert f"config: {saved}" in ex.stdout
+    mindir = os.path.join(run, "resnet18_isqrt_cov.mindir")
+    from src.checkpoint import load_network
+    from src.models import create_model
+    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16)
+    load_network(net, best_ckpt)
+    net.set_train(False)
+    x = ms.Tensor(np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    np.testing.assert_allclose(ms.nn.GraphCell(ms.load(mindir))(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
+    assert os.listdir(elsewhere) == []  # nothing written in the working folder
