@@ -397,23 +397,36 @@ LAUNCH_KEYS = ("run_distribute", "device_num", "device_id", "resume_ckpt", "pre_
                "checkpoint_file_path")
 
 
-def load_checkpoint_config(argv=None):
-    """Configuration of a script that reads a checkpoint (eval.py, export.py), and a line saying
-    which configuration it is.
+def model_file(keys):
+    """The model a script reads, from its flags (a dict): --mindir (predict.py), else
+    --checkpoint_file_path, else <output_path>/ckpt/best.ckpt."""
+    return keys.get("mindir") or keys.get("checkpoint_file_path") or os.path.join(
+        keys.get("output_path") or SCHEMA_BY_NAME["output_path"].default, "ckpt", "best.ckpt")
 
-    --config_path wins. Otherwise the configuration the trainer saved beside the checkpoint
-    (--checkpoint_file_path, else <output_path>/ckpt/best.ckpt) is used, without LAUNCH_KEYS, and
-    the command line still overrides any key. With no saved configuration: the default (demo) one.
+
+def run_file(model, name):
+    """<model dir>/name or <model dir>/ckpt/name (a MINDIR sits in the run folder, its ckpt/ beside it)."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(model)))
+    return next((p for p in (os.path.join(folder, name), os.path.join(folder, "ckpt", name))
+                 if os.path.isfile(p)), None)
+
+
+def load_checkpoint_config(argv=None):
+    """Configuration of a script that reads a model (eval.py, export.py, predict.py), and a line
+    saying which configuration it is.
+
+    --config_path wins. Otherwise the configuration the trainer saved beside the model (model_file;
+    run_file finds it) is used, without LAUNCH_KEYS, and the command line still overrides any key.
+    With no saved configuration: the default (demo) one.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     cli = {} if "-h" in argv or "--help" in argv else _parse_argv(argv)
     if cli.get("config_path"):
         cfg = load_config(argv)
         return cfg, f"config: {cfg.config_path} (--config_path)"
-    ckpt = cli.get("checkpoint_file_path") or os.path.join(
-        cli.get("output_path") or SCHEMA_BY_NAME["output_path"].default, "ckpt", "best.ckpt")
-    saved = os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(ckpt))), SAVED_CONFIG)
-    if not os.path.isfile(saved):
+    ckpt = model_file(cli)
+    saved = run_file(ckpt, SAVED_CONFIG)
+    if saved is None:
         cfg = load_config(argv)
         return cfg, f"config: {cfg.config_path} (default: no {SAVED_CONFIG} beside {ckpt})"
     cfg = load_config(argv, default_config_path=saved, not_inherited=LAUNCH_KEYS)

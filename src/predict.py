@@ -15,35 +15,16 @@ import sys
 
 import numpy as np
 
-from src.config import DEFAULT_CONFIG, _parse_argv, load_config
+from src.config import load_checkpoint_config, model_file, run_file
 from src.errors import CheckpointError, ConfigError, DataError, first_line, name_list
 
 
-def model_file(cfg_or_argv):
-    """The model predict.py uses: --mindir, else --checkpoint_file_path, else <output_path>/ckpt/best.ckpt."""
-    get = (lambda k: cfg_or_argv.get(k)) if isinstance(cfg_or_argv, dict) else (lambda k: getattr(cfg_or_argv, k))
-    return get("mindir") or get("checkpoint_file_path") or os.path.join(get("output_path") or "./output",
-                                                                        "ckpt", "best.ckpt")
-
-
-def run_file(model, name):
-    """<model dir>/name or <model dir>/ckpt/name (a MINDIR sits in the run folder, its ckpt/ beside it)."""
-    folder = os.path.dirname(os.path.abspath(model))
-    return next((p for p in (os.path.join(folder, name), os.path.join(folder, "ckpt", name))
-                 if os.path.isfile(p)), None)
-
-
 def load_predict_config(argv):
-    """(cfg, saved config.yaml used or None): the run's config.yaml is the YAML layer unless
-    --config_path is given. Always one process on one device."""
-    argv = list(argv)
-    if "-h" in argv or "--help" in argv:
-        load_config(argv)  # prints every key and exits
-    raw = _parse_argv(argv)
-    saved = None if "config_path" in raw else run_file(model_file(raw), "config.yaml")
-    cfg = load_config(argv, default_config_path=saved or DEFAULT_CONFIG)
+    """(cfg, line naming the configuration): the run's saved config unless --config_path is given
+    (src.config.load_checkpoint_config). Always one process on one device."""
+    cfg, note = load_checkpoint_config(argv)
     cfg.run_distribute, cfg.device_num = False, 1
-    return cfg, saved
+    return cfg, note
 
 
 def list_inputs(path):
@@ -119,7 +100,7 @@ class CheckpointModel:
         from src.factory import build_network
         set_device(cfg.device_target, cfg.device_id, cfg.mode)
         net = build_network(cfg)
-        load_network(net, path, getattr(net, "classifier_prefix", "fc."))
+        load_network(net, path)
         net.set_train(False)
         self.net = EvalNet(net, cfg.eval_flip_average)
         self.num_classes, self.batch_size = int(cfg.num_classes), int(cfg.batch_size)
@@ -265,15 +246,14 @@ def format_table(rows, limit=None, width=3):
 
 
 def main(argv):
-    cfg, saved = load_predict_config(argv)
+    cfg, config_note = load_predict_config(argv)
     if cfg.predict_output:
         _output_kind(cfg.predict_output)
     files, note = list_inputs(cfg.predict_path)
-    model_path = os.path.abspath(model_file(cfg))
+    model_path = os.path.abspath(model_file(cfg.to_dict()))
     model = MindirModel(cfg, model_path) if cfg.mindir else CheckpointModel(cfg, model_path)
     names, names_file = class_names(model_path, model.num_classes)
-    print(f"{len(files)} image(s) from {cfg.predict_path}; model {model_path}"
-          f"{'; settings from ' + saved if saved else ''}", file=sys.stderr)
+    print(f"{len(files)} image(s) from {cfg.predict_path}; model {model_path}; {config_note}", file=sys.stderr)
     if note:
         print(f"note: {note}", file=sys.stderr)
     if names_file is None:
