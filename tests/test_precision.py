@@ -247,7 +247,7 @@ def test_train_py_o2_end_to_end_evaluates_and_resumes(data, tmp_path):
     (epoch1,) = _metrics(out)
     # eval.py runs float32; training evaluated the float16 network: equal to float16 precision.
     assert metrics["num_images"] == 12 and "top-1" in ev.stdout
-    assert metrics["loss"] == pytest.approx(epoch1["val_loss"], rel=2e-2)
+    assert metrics["loss"] == pytest.approx(epoch1["val_loss"], rel=5e-3)
     assert abs(metrics["top1"] - epoch1["val_top1"]) <= 1 / 12 + 1e-9
 
     resumed = run_script("train.py", tiny_flags(data, out, resume_ckpt=latest, **flags), cwd=tmp_path)
