@@ -109,20 +109,29 @@ def apply_precision(net, level):
 
     ``net`` is changed in place (flags and wrapper cells; its Parameters, their names and dtypes
     are unchanged, so optimizers, checkpoints and evaluation keep using ``net``). The returned cell
-    may wrap ``net``. Calling this twice on one network is not supported (MindSpore warns too).
+    may wrap ``net``. A second call on the same network raises RuntimeError (the casts would stack).
     """
     if level not in AMP_LEVELS:
         raise ConfigError(f"amp_level must be O0, O1, O2 or O3, got '{level}'")
     if level == "O0":
         return net
     rep = find_representation(net)
+    if getattr(net, "amp_level", None):
+        raise RuntimeError(f"mixed precision was already applied to this network ({net.amp_level})")
+    net.amp_level = level
     if level == "O1":
         _o1(net, rep)
         rep.to_float(ms.float32)
         out = net
     elif level == "O2":
         # A black-listed cell is flagged float32 whole (not recursed into) and its output cast to
-        # float16 for the classifier; the BatchNorm black list is MindSpore's own.
+        # float16 for the classifier; the BatchNorm black list is MindSpore's own. The list holds
+        # classes: another cell of the representation's class would silently stay float32 too.
+        inside = {id(c) for _, c in rep.cells_and_names()}
+        twins = [n for n, c in net.cells_and_names() if isinstance(c, type(rep)) and id(c) not in inside]
+        if twins:
+            raise RuntimeError(f"O2 black-lists the representation by its class {type(rep).__name__}, which "
+                               f"other cells use too: {', '.join(twins)}")
         out = ms.amp.custom_mixed_precision(net, black_list=ms.amp.get_black_list() + [type(rep)])
     else:
         out = ms.amp.auto_mixed_precision(net, "O3")

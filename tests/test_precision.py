@@ -17,6 +17,7 @@ from src import precision
 from src.config import load_config
 from src.factory import build_optimizer, build_train_step, resolve_amp_level
 from src.models import create_model
+from src.models.network import ClassificationNet, GlobalAvgPool
 from src.precision import apply_precision, check_float32, find_representation
 from tests.helpers import ENV, ROOT, make_image_folder, run_script, tiny_flags
 
@@ -97,6 +98,8 @@ def test_level_trains_and_keeps_the_meta_layer_float32(reference, level):
     step = build_train_step(cfg, net, build_optimizer(cfg, net, np.full(2, 0.05, np.float32)))
     assert [p.name for p in net.get_parameters()] == names  # checkpoints keep their keys
     assert all(p.dtype == ms.float32 for p in net.get_parameters())  # float32 master weights
+    with pytest.raises(RuntimeError, match=f"already applied to this network \\({level}\\)"):
+        apply_precision(net, "O2")
 
     # The meta-layer as the mixed-precision network holds it, on the float16 features it receives there.
     out, dx, dw = _run_rep(rep, x16)
@@ -136,7 +139,12 @@ def test_the_comparison_detects_a_float16_step_in_the_meta_layer(reference):
 def test_network_without_representation_is_refused_at_build_time():
     with pytest.raises(TypeError, match="no 'representation' Cell"):
         apply_precision(nn.SequentialCell([nn.Dense(4, 3)]), "O2")
-    assert apply_precision(nn.Dense(4, 3), "O0") is not None  # O0 changes nothing and needs nothing
+    dense = nn.Dense(4, 3)
+    assert apply_precision(dense, "O0") is dense  # O0 changes nothing and needs nothing
+    # O2's black list holds classes: a backbone cell of the representation's class is refused.
+    twin = ClassificationNet(nn.SequentialCell([nn.Conv2d(3, 4, 1), GlobalAvgPool(4)]), GlobalAvgPool(4), 3)
+    with pytest.raises(RuntimeError, match="GlobalAvgPool, which other cells use too: features.1"):
+        apply_precision(twin, "O2")
 
 
 def test_float16_levels_run_on_cpu_with_one_warning(monkeypatch):
