@@ -92,10 +92,12 @@ SCHEMA = [
     _K("lr_end", 0.0, "float", "cosine schedule: final lr (absolute, not scaled)"),
     _K("classifier_lr_factor", 1.0, "float", "lr multiplier of the classifier (fast-MPN-COV's classifier_factor)"),
     _K("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy loss"),
-    _K("amp_level", "auto", "str", "mixed precision: auto = O2 on GPU/Ascend, O0 on CPU",
-       choices=["auto", "O0", "O1", "O2", "O3"]),
+    _K("amp_level", "auto", "str", "mixed precision: auto = O2 on GPU/Ascend, O0 on CPU; O1-O3 keep the "
+       "meta-layer and the loss in float32", choices=["auto", "O0", "O1", "O2", "O3"]),
     _K("loss_scale", 1024.0, "float", "initial (dynamic) or fixed loss scale for mixed precision"),
     _K("dynamic_loss_scale", True, "bool", "adjust the loss scale and skip steps with overflowing gradients"),
+    _K("loss_scale_window", 1000, "int",
+       "dynamic loss scale: double the scale after this many steps without overflow"),
     _K("log_interval", 100, "int", "log a training line every N steps"),
     _K("eval_interval", 1, "int", "evaluate on val/ every N epochs"),
     _K("save_every_epochs", 1, "int", "keep a numbered checkpoint every N epochs"),
@@ -122,8 +124,9 @@ _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimen
         "image_size": 1, "batch_size": 1, "lr_base_batch": 1, "num_parallel_workers": 1, "prefetch_size": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
-        "label_smoothing": 0.0, "loss_scale": 1.0, "log_interval": 1, "eval_interval": 1,
-        "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0, "top_k": 1}
+        "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1, "log_interval": 1,
+        "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
+        "top_k": 1}
 
 
 class Config:

@@ -6,8 +6,7 @@ from mindspore import nn, ops
 
 from src.errors import ConfigError
 from src.models import create_model
-
-AMP_LEVELS = ("O0", "O1", "O2", "O3")
+from src.precision import apply_precision, resolve_amp_level
 
 
 def head_kwargs(cfg):
@@ -21,26 +20,14 @@ def build_network(cfg):
     return create_model(cfg.arch, cfg.head, cfg.num_classes, **head_kwargs(cfg))
 
 
-def resolve_amp_level(cfg):
-    """'auto' is O2 on GPU/Ascend and O0 on CPU; float16 levels on CPU are refused with the fix."""
-    level = str(cfg.amp_level)
-    if level == "auto":
-        return "O0" if cfg.device_target == "CPU" else "O2"
-    if level not in AMP_LEVELS:
-        raise ConfigError(f"amp_level must be auto, O0, O1, O2 or O3, got '{level}'")
-    if cfg.device_target == "CPU" and level != "O0":
-        raise ConfigError(f"amp_level={level} (float16) is for GPU and Ascend; on CPU use --amp_level=O0 "
-                         "or --amp_level=auto")
-    return level
-
-
 class NetWithLoss(nn.Cell):
-    """Network + cross-entropy; the loss is computed in float32 whatever the network's precision."""
+    """Network + cross-entropy; the loss is computed in float32 whatever the network's precision:
+    the logits are cast and the loss Cell is flagged float32 (so no enclosing float16 flag reaches it)."""
 
     def __init__(self, net, label_smoothing=0.0):
         super().__init__(auto_prefix=False)
         self.net = net
-        self.loss = nn.CrossEntropyLoss(label_smoothing=float(label_smoothing))
+        self.loss = nn.CrossEntropyLoss(label_smoothing=float(label_smoothing)).to_float(ms.float32)
 
     def construct(self, images, labels):
         logits = self.net(images)
@@ -176,23 +163,19 @@ class TrainStep(nn.Cell):
 
 
 def build_train_step(cfg, net, optimizer):
-    """The training step for the configured precision.
+    """The training step for the configured precision (src/precision.py: apply_precision).
 
-    Mixed precision casts the backbone (O1-O3); the meta-layer stays float32 (it casts inside) and so
-    does the loss. Without float16 the loss scale is fixed at 1, still skipping non-finite updates.
+    Float16 levels (O1-O3) keep the representation (meta-layer) and the loss in float32; ``net`` is
+    changed in place, so checkpoints and evaluation keep using it. Without float16 the loss scale is
+    fixed at 1, still skipping non-finite updates.
     """
     level = resolve_amp_level(cfg)
-    if level != "O0":
-        net = ms.amp.auto_mixed_precision(net, level)
-        rep = getattr(net, "representation", None)
-        if rep is not None:
-            rep.to_float(ms.float32)
-    net_with_loss = NetWithLoss(net, cfg.label_smoothing)
+    net_with_loss = NetWithLoss(apply_precision(net, level), cfg.label_smoothing)
     if level == "O0":
         step = TrainStep(net_with_loss, optimizer, 1.0)
     elif cfg.dynamic_loss_scale:
         update = nn.DynamicLossScaleUpdateCell(loss_scale_value=float(cfg.loss_scale), scale_factor=2,
-                                               scale_window=1000)
+                                               scale_window=int(cfg.loss_scale_window))
         step = TrainStep(net_with_loss, optimizer, float(cfg.loss_scale), update)
     else:
         step = TrainStep(net_with_loss, optimizer, float(cfg.loss_scale))

@@ -40,8 +40,8 @@ def test_amp_levels():
     cfg = _cfg()
     cfg.device_target = "GPU"  # resolution only: no device is touched
     assert resolve_amp_level(cfg) == "O2"
-    with pytest.raises(ValueError, match="on CPU use --amp_level=O0"):
-        resolve_amp_level(_cfg("--amp_level=O2"))
+    # Float16 levels run on CPU too, to check the GPU configuration (tests/test_precision.py).
+    assert resolve_amp_level(_cfg("--amp_level=O2")) == "O2"
 
 
 def _snapshot(net):
