@@ -18,6 +18,8 @@ from src.run_log import write_json
 # Test hook: seconds to wait between writing the temporary file and renaming it, so a test can
 # kill the process at that moment.
 DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
+# name prefixes of every classifier kind of src.models (one fc; VGG's classifier.0/3/6 MLP)
+CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
 
 
@@ -88,6 +90,9 @@ def match_network(net, params, path, classifier_prefix="fc.", skip_classifier=Fa
         skipped += missing_cls
         missing = [n for n in missing if not n.startswith(classifier_prefix)]
     unexpected = [n for n in params if n not in wanted and not _is_training_state(n)]
+    if skip_classifier:  # a classifier of the other kind (e.g. VGG's MLP, finetuned with one fc) is skipped too
+        skipped += [n for n in unexpected if n.startswith(CLASSIFIER_PREFIXES)]
+        unexpected = [n for n in unexpected if not n.startswith(CLASSIFIER_PREFIXES)]
     if missing or shape_bad or unexpected:
         fc_w = classifier_prefix + "weight"
         hint = ""

@@ -25,12 +25,12 @@ def test_output_shapes(arch, head):
     net.set_train(False)
     x = _input(batch, size)
     f = net.forward_features(x)
-    expansion = ARCHS[arch][0].expansion
-    # layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP (/32)
-    side = size // 16 if head == "isqrt_cov" else size // 32
-    assert f.shape == (batch, 512 * expansion, side, side)
+    channels = {"resnet18": 512, "resnet34": 512, "vgg16_bn": 512}.get(arch, 2048)
+    # ResNet layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP (/32); VGG drops its last pool (/16)
+    side = size // 16 if head == "isqrt_cov" or arch == "vgg16_bn" else size // 32
+    assert f.shape == (batch, channels, side, side) and net.features.out_channels == channels
     rep = net.representation(f)
-    expected_dim = 256 * 257 // 2 if head == "isqrt_cov" else 512 * expansion
+    expected_dim = 256 * 257 // 2 if head == "isqrt_cov" else channels
     assert net.representation.output_dim == expected_dim
     assert rep.shape == (batch, expected_dim)
     logits = net(x)
@@ -40,7 +40,7 @@ def test_output_shapes(arch, head):
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="resnet101.*resnet152.*resnet18.*resnet34.*resnet50"):
+    with pytest.raises(ValueError, match="resnet101.*resnet152.*resnet18.*resnet34.*resnet50.*vgg16_bn"):
         create_model("resnet42", "gap", 10)
     with pytest.raises(ValueError, match="gap.*isqrt_cov"):
         create_model("resnet18", "bilinear", 10)
@@ -50,6 +50,8 @@ def test_unknown_names_list_valid_ones():
         create_model("resnet18", "gap", 10, iter_num=5)
     with pytest.raises(ValueError, match="num_classes"):
         create_model("resnet18", "gap", 0)
+    with pytest.raises(ValueError, match="auto, linear, mlp"):
+        create_model("resnet18", "gap", 10, classifier="svm")
 
 
 def test_parameter_names_follow_torchvision_layout():
