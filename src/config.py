@@ -53,10 +53,10 @@ SCHEMA = [
        choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16_bn"]),
     _K("head", "isqrt_cov", "str", "representation: iSQRT-COV pooling or global average pooling",
        choices=["isqrt_cov", "gap"]),
+    _K("num_classes", 1000, "int", "number of classes (must match the class folders)"),
     _K("classifier", "auto", "str", "classifier: auto = fast-MPN-COV's (4096-4096 MLP for vgg16_bn + isqrt_cov, "
        "one linear layer otherwise), linear, or mlp (two hidden layers of 4096, ReLU, dropout 0.5)",
        choices=["auto", "linear", "mlp"]),
-    _K("num_classes", 1000, "int", "number of classes (must match the class folders)"),
     _K("iter_num", 5, "int", "Newton-Schulz iterations of the matrix square root"),
     _K("dimension_reduction", 256, "int", "channels after the 1x1 reduction conv before covariance pooling"),
     _K("image_size", 224, "int", "side of the square network input (train crop and eval centre crop)"),

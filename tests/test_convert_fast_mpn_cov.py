@@ -182,3 +182,36 @@ def test_finetuning_skips_a_classifier_of_the_other_kind():
     chosen, skipped = match_network(net, params, "x.ckpt", net.classifier_prefix, skip_classifier=True)
     assert sorted(skipped) == ["classifier.0.weight", "classifier.6.bias", "fc.bias", "fc.weight"]
     assert len(chosen) == len(params) - 2
+
+
+class _ScaledPool(ms.nn.Cell):
+    """A representation with a fixed, non-trainable parameter, as CBP's sketch hashes: fast-MPN-COV
+    keeps such values outside its state_dict."""
+
+    def __init__(self, in_channels, reproduce=False):
+        super().__init__()
+        self.output_dim = in_channels
+        self.pool_scale = ms.Parameter(ms.Tensor(np.full(in_channels, 2.0, np.float32)), name="pool_scale",
+                                       requires_grad=False)
+        if reproduce:
+            self.fast_mpn_cov_params = lambda: {"pool_scale": np.full(in_channels, 3.0, np.float32)}
+
+    def construct(self, x):
+        return x.mean(axis=(2, 3)) * self.pool_scale
+
+
+def _scaled_pool(in_channels, reproduce=False):
+    return _ScaledPool(in_channels, reproduce)
+
+
+@pytest.mark.parametrize("reproduce", [False, True])
+def test_fixed_representation_parameters_fast_mpn_cov_does_not_save(monkeypatch, reproduce):
+    from src.models import HEADS
+    monkeypatch.setitem(HEADS, "scaled_gap", (_scaled_pool, {"reproduce": reproduce}, 2))
+    model = fm.main_py_resnet(create_torch_model("resnet18", "gap", 10), "gavp")
+    notes = []
+    params = convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, "resnet18", "scaled_gap",
+                                10, log=notes.append)
+    assert params["pool_scale"].tolist() == [3.0 if reproduce else 2.0] * 512
+    assert any(("drawn as fast-MPN-COV" if reproduce else "taken from the network as built") in n for n in notes)
+    _ms_net(params, "resnet18", "scaled_gap", 10)  # every parameter present, none unexpected

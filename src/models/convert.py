@@ -146,6 +146,27 @@ def _head_mismatch(converted, net, src_first):
     return None
 
 
+def _fill_unsaved(net, converted, log):
+    """Fixed (non-trainable, non-BN) representation parameters the checkpoint lacks: fast-MPN-COV
+    keeps e.g. CBP's sketch hashes as plain attributes drawn from a seed, outside its state_dict.
+    A representation reproducing those draws says so with ``fast_mpn_cov_params()`` ({name: array});
+    otherwise the values the network was built with are used, and a note says the logits match
+    fast-MPN-COV's only if they equal its draws."""
+    fixed = [p for p in net.representation.get_parameters() if not p.requires_grad
+             and not p.name.endswith(("moving_mean", "moving_variance")) and p.name not in converted]
+    if not fixed:
+        return
+    names = ", ".join(p.name for p in fixed)
+    draw = getattr(net.representation, "fast_mpn_cov_params", None)
+    if draw is not None:
+        converted.update({n: np.asarray(v) for n, v in draw().items()})
+        log(f"note: {names} (not saved by fast-MPN-COV) drawn as fast-MPN-COV draws them")
+    else:
+        converted.update({p.name: p.asnumpy() for p in fixed})
+        log(f"note: {names} not in the checkpoint (fast-MPN-COV does not save them): taken from the network as "
+            "built; the logits equal the PyTorch model's only if these equal its values")
+
+
 def _hints(arch, layout, source_names, source_arch, converted, expected, wrong, net):
     lines = []
     guess = infer_arch(source_names) if layout != "vgg" else "vgg16_bn"
@@ -199,8 +220,7 @@ def convert_state_dict(state, arch="resnet50", head="isqrt_cov", num_classes=100
                f"the checkpoint's classifier is {src_kind}, the target's {net.classifier_kind}")
         log(f"note: classifier left out ({why}); it keeps its initialisation")
     if not reason:
-        # parameters fast-MPN-COV does not save (e.g. fixed random projections it re-draws from a seed)
-        converted.update(getattr(net.representation, "fast_mpn_cov_state", dict)())
+        _fill_unsaved(net, converted, log)
     source_names = list(converted)
     converted = {n: v for n, v in converted.items() if not n.startswith(skip)}
     expected = {n: s for n, s in expected.items() if not n.startswith(skip)}
