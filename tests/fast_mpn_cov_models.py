@@ -70,8 +70,14 @@ def vgg_features(cfg=VGG16_CFG):
 
 
 def vgg_mlp(in_features, num_classes):
-    return nn.Sequential(nn.Linear(in_features, 4096), nn.ReLU(True), nn.Dropout(),
-                         nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, num_classes))
+    """VGG's classifier, initialised as mpncovvgg16_bn / torchvision's VGG: N(0, 0.01), bias 0."""
+    mlp = nn.Sequential(nn.Linear(in_features, 4096), nn.ReLU(True), nn.Dropout(),
+                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, num_classes))
+    for m in mlp:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return mlp
 
 
 def mpncovvgg16_bn(num_classes=1000):
@@ -105,10 +111,17 @@ def main_py_resnet(net, layout):
 
 
 def randomize_bn_(model, seed=0):
-    """Non-trivial BN statistics and affine parameters, so eval-mode BN matters."""
+    """Convolutions initialised as fast-MPN-COV's VGG and ResNets (Kaiming normal, fan_out, bias 0:
+    PyTorch's default would shrink the features layer after layer until the logits are the
+    classifier's bias), and non-trivial BN statistics and affine parameters, so eval-mode BN matters."""
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.out_channels, generator=gen))
             if isinstance(m, nn.BatchNorm2d):
                 n = m.num_features
                 m.weight.copy_(0.5 + torch.rand(n, generator=gen))
