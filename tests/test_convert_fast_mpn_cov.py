@@ -219,3 +219,20 @@ def test_fixed_representation_parameters_fast_mpn_cov_does_not_save(monkeypatch,
     assert params["pool_scale"].tolist() == [3.0 if reproduce else 2.0] * 512
     assert any(("drawn as fast-MPN-COV" if reproduce else "taken from the network as built") in n for n in notes)
     _ms_net(params, "resnet18", "scaled_gap", 10)  # every parameter present, none unexpected
+
+
+def test_script_names_the_layout_and_refuses_vgg_without_bn(tmp_path):
+    """Through scripts/convert_torch_checkpoint.py: a main.py GAvP ResNet checkpoint converts and the
+    layout is printed; a VGG-16 without BN stops with exit code 2 and a one-line cause."""
+    from tests.test_convert import _run_script
+    model = fm.main_py_resnet(create_torch_model("resnet18", "gap", 4), "gavp")
+    src, dst = tmp_path / "checkpoint.pth.tar", tmp_path / "r18.ckpt"
+    torch.save(fm.main_py_checkpoint(model, "resnet18"), src)
+    proc = _run_script("--src", str(src), "--dst", str(dst), "--arch", "resnet18", "--head", "gap", "--num_classes", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "layout: fast-MPN-COV main.py ResNet without reduction conv" in proc.stdout and dst.exists()
+    plain = torch.nn.Sequential(*[m for m in fm.vgg_features() if not isinstance(m, torch.nn.BatchNorm2d)])
+    torch.save({"features." + k: v for k, v in plain.state_dict().items()}, src)
+    proc = _run_script("--src", str(src), "--dst", str(dst), "--arch", "vgg16_bn", "--head", "gap")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has no batch normalisation; this project has vgg16_bn only" in proc.stderr

@@ -169,6 +169,8 @@ def _fill_unsaved(net, converted, log):
 
 def _hints(arch, layout, source_names, source_arch, converted, expected, wrong, net):
     lines = []
+    if layout == "vgg" and "features.1.gamma" not in source_names:
+        return ["  hint: the checkpoint's VGG has no batch normalisation; this project has vgg16_bn only"]
     guess = infer_arch(source_names) if layout != "vgg" else "vgg16_bn"
     if source_arch:
         guess = _SOURCE_ARCHS.get(source_arch, source_arch) if guess is None else guess
