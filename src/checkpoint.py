@@ -20,6 +20,8 @@ from src.run_log import atomic_write, remove_stale_temporaries, write_json
 # Test hook: seconds to wait between writing the temporary file and renaming it, so a test can
 # kill the process at that moment.
 DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
+# name prefixes of every classifier kind of src.models (one fc; VGG's classifier.0/3/6 MLP)
+CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
 META_KEYS = ("epoch", "step_in_epoch", "arch", "head", "num_classes", "best_top1", "top1",
              "steps_per_epoch", "global_batch")
@@ -85,6 +87,8 @@ def match_network(net, params, path, pre_trained=False):
         left.update({n: "another shape in the checkpoint" for n in reshaped if n in head})
         absent = [n for n in absent if n not in left]
         reshaped = [n for n in reshaped if n not in left]
+        # the checkpoint's classifier of another kind (VGG's MLP, finetuned with one fc) is not needed
+        unexpected = [n for n in unexpected if not n.startswith(CLASSIFIER_PREFIXES)]
     if absent or reshaped or unexpected:
         parts = []
         if absent:

@@ -202,7 +202,10 @@ def exit_process(code=0):
 
 
 # MindSpore's CPU collectives give up after MS_NODE_TIMEOUT seconds of waiting for a peer (30 by
-# default), shorter than a rank-0 checkpoint write or a compilation skew can take. NCCL waits as is.
+# default), shorter than a rank-0 checkpoint write or a compilation skew can take. The same variable
+# is the cluster's heartbeat timeout when init() reads it, and a long one there keeps msrun waiting
+# for a dead rank; the collectives read it at their first use, so it is set between the two.
+# NCCL waits as is.
 CPU_COLLECTIVE_TIMEOUT_S = 1800
 
 
@@ -216,10 +219,9 @@ def init_distributed(cfg):
     if how is None and cfg.device_target == "CPU":
         raise DeviceError("--run_distribute=True on CPU needs a launcher: msrun --worker_num=N "
                           "--local_worker_num=N train.py ..., or mpirun -n N python train.py ...")
-    if cfg.device_target == "CPU":
-        os.environ.setdefault("MS_NODE_TIMEOUT", str(CPU_COLLECTIVE_TIMEOUT_S))
-        if how == "mpirun":
-            _start_cpu_cluster_from_mpi()
+    if cfg.device_target == "CPU" and how == "mpirun":
+        _start_cpu_cluster_from_mpi()
+    user_timeout = os.environ.get("MS_NODE_TIMEOUT")
     from mindspore.communication import init, get_rank, get_group_size
     try:
         init()
@@ -229,6 +231,8 @@ def init_distributed(cfg):
             raise DeviceError(f"the distributed job failed ({first})") from None
         raise DeviceError(f"collective communication failed to start ({first}); launch with mpirun or "
                           "msrun (see scripts/run_distribute_train_gpu.sh)") from None
+    if cfg.device_target == "CPU" and user_timeout is None:
+        os.environ["MS_NODE_TIMEOUT"] = str(CPU_COLLECTIVE_TIMEOUT_S)
     try:
         _probe()
     except RuntimeError as exc:

@@ -17,7 +17,7 @@ def head_kwargs(cfg):
 
 
 def build_network(cfg):
-    return create_model(cfg.arch, cfg.head, cfg.num_classes, **head_kwargs(cfg))
+    return create_model(cfg.arch, cfg.head, cfg.num_classes, classifier=cfg.classifier, **head_kwargs(cfg))
 
 
 class NetWithLoss(nn.Cell):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.peers.torch_resnet import create_torch_model, randomize_
-from src.checkpoint import head_parameter_names, load_network, match_network, save_atomic
+from src.checkpoint import head_parameter_names, match_network, save_atomic
 from src.errors import CheckpointError
 from src.models import create_model
 from src.run_log import write_json

@@ -21,16 +21,17 @@ def _input(batch, size, seed=0):
 def test_output_shapes(arch, head):
     big = arch in ("resnet101", "resnet152")
     batch, size = (1, 32) if big else (2, 64)
-    net = create_model(arch, head, 7, **({"iter_num": 3} if head == "isqrt_cov" else {}))
+    # one linear classifier everywhere: the VGG MLP (134 M parameters) is built once, in test_convert_fast_mpn_cov
+    net = create_model(arch, head, 7, classifier="linear", **({"iter_num": 3} if head == "isqrt_cov" else {}))
     net.set_train(False)
     x = _input(batch, size)
     f = net.forward_features(x)
-    expansion = ARCHS[arch][0].expansion
-    # layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP (/32)
-    side = size // 16 if head == "isqrt_cov" else size // 32
-    assert f.shape == (batch, 512 * expansion, side, side)
+    channels = {"resnet18": 512, "resnet34": 512, "vgg16_bn": 512}.get(arch, 2048)
+    # ResNet layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP (/32); VGG drops its last pool (/16)
+    side = size // 16 if head == "isqrt_cov" or arch == "vgg16_bn" else size // 32
+    assert f.shape == (batch, channels, side, side) and net.features.out_channels == channels
     rep = net.representation(f)
-    expected_dim = 256 * 257 // 2 if head == "isqrt_cov" else 512 * expansion
+    expected_dim = 256 * 257 // 2 if head == "isqrt_cov" else channels
     assert net.representation.output_dim == expected_dim
     assert rep.shape == (batch, expected_dim)
     logits = net(x)
@@ -40,7 +41,7 @@ def test_output_shapes(arch, head):
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(ValueError, match="resnet101.*resnet152.*resnet18.*resnet34.*resnet50"):
+    with pytest.raises(ValueError, match="resnet101.*resnet152.*resnet18.*resnet34.*resnet50.*vgg16_bn"):
         create_model("resnet42", "gap", 10)
     with pytest.raises(ValueError, match="gap.*isqrt_cov"):
         create_model("resnet18", "bilinear", 10)
@@ -50,6 +51,8 @@ def test_unknown_names_list_valid_ones():
         create_model("resnet18", "gap", 10, iter_num=5)
     with pytest.raises(ValueError, match="num_classes"):
         create_model("resnet18", "gap", 0)
+    with pytest.raises(ValueError, match="auto, linear, mlp"):
+        create_model("resnet18", "gap", 10, classifier="svm")
 
 
 def test_parameter_names_follow_torchvision_layout():
@@ -155,3 +158,53 @@ def test_graph_mode_train_step():
     for _ in range(3):
         last = float(_train_step(step, x, y).asnumpy())
     assert np.isfinite(first) and np.isfinite(last) and last < first
+
+
+def _vgg16_conv_macs(size):
+    """Multiply-adds of VGG-16's 13 3x3 convolutions at size x size (its last max-pool removed)."""
+    macs, side, cin = 0, size, 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if v == "M":
+            side //= 2
+        else:
+            macs += side * side * cin * v * 9
+            cin = v
+    return macs
+
+
+def test_vgg16_bn_classifiers_names_and_flops():
+    from src.models.network import resolve_classifier
+    assert resolve_classifier("vgg16_bn", "isqrt_cov") == "mlp"  # mpncovvgg16_bn
+    assert resolve_classifier("vgg16_bn", "gap") == resolve_classifier("resnet50", "isqrt_cov") == "linear"
+    assert resolve_classifier("vgg16_bn", "isqrt_cov", "linear") == "linear"
+    net = create_model("vgg16_bn", "isqrt_cov", 10, classifier="linear")
+    names = [p.name for p in net.get_parameters()]
+    assert names[:6] == ["features.0.weight", "features.0.bias", "features.1.moving_mean",
+                         "features.1.moving_variance", "features.1.gamma", "features.1.beta"]
+    assert "features.40.weight" in names and "features.43.weight" not in names  # last conv; no last pool
+    assert net.classifier_prefix == "fc." and {n for n in names if n.startswith("fc.")} == {"fc.weight", "fc.bias"}
+    f = count_flops(net, 224)
+    assert f["conv_fc"] == _vgg16_conv_macs(224) + 512 * 256 * 14 * 14 + 32896 * 10
+    assert f["meta"] == 256 * 256 * 196 + 12 * 256 ** 3
+    gap = create_model("vgg16_bn", "gap", 10, classifier="mlp")
+    cls = [p.name for p in gap.get_parameters() if p.name.startswith(gap.classifier_prefix)]
+    assert gap.classifier_prefix == "classifier." and len(cls) == 6
+    assert tuple(gap.classifier.classifier[0].weight.shape) == (4096, 512)
+    w = gap.classifier.classifier[3].weight.asnumpy()  # VGG's N(0, 0.01)
+    assert abs(w.std() / 0.01 - 1) < 0.02 and (gap.classifier.classifier[6].bias.asnumpy() == 0).all()
+    f = count_flops(gap, 448)
+    assert f["conv_fc"] == _vgg16_conv_macs(448) + 512 * 4096 + 4096 * 4096 + 4096 * 10 and f["meta"] == 0
+    # torchvision's published 15.47 GFLOPS of vgg16_bn: the same convolutions plus its 25088-input classifier
+    assert abs((_vgg16_conv_macs(224) + 25088 * 4096 + 4096 * 4096 + 4096 * 1000) / 15.47e9 - 1) < 0.005
+
+
+def test_graph_mode_train_step_vgg_mlp():
+    """GRAPH mode with the MLP classifier (dropout active in training): finite loss, weights move."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = create_model("vgg16_bn", "gap", 3, classifier="mlp")
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn), nn.SGD(net.trainable_params(), 0.01))
+    step.set_train()
+    before = net.classifier.classifier[0].weight.asnumpy().copy()
+    loss = float(_train_step(step, _input(2, 32, seed=2), ms.Tensor(np.array([0, 2], np.int32))).asnumpy())
+    assert np.isfinite(loss) and not np.array_equal(net.classifier.classifier[0].weight.asnumpy(), before)

@@ -1,29 +1,38 @@
 """Classification networks = backbone (``features``) -> ``representation`` -> ``classifier``.
 
-``create_model(arch, head, num_classes, **head_kwargs)`` builds them from two small registries,
-so a new backbone or representation is one registry entry, not a new branch.
+``create_model(arch, head, num_classes, classifier="auto", **head_kwargs)`` builds them from small
+registries (ARCHS, HEADS, CLASSIFIERS), so a new backbone, representation or classifier is one
+registry entry, not a new branch.
 
 Parameter names follow torchvision / fast-MPN-COV exactly (conv1.weight, layer4.2.bn3.gamma,
-layer1.0.downsample.0.weight, layer_reduce.weight, fc.weight, ...): the top network Cell does not
-prefix its children's names (``auto_prefix=False``), so ``features``, ``representation`` and
-``classifier`` are structure only and PyTorch checkpoints map one to one.
+layer1.0.downsample.0.weight, features.0.weight for VGG, layer_reduce.weight, fc.weight,
+classifier.0.weight, ...): the top network Cell does not prefix its children's names
+(``auto_prefix=False``), so ``features``, ``representation`` and ``classifier`` are structure only
+and PyTorch checkpoints map one to one.
 """
+import functools
 import math
+from typing import Callable, NamedTuple
 
 from mindspore import nn
 from mindspore.common.initializer import Uniform
 
 from src.isqrt_cov import ISqrtCov
-from src.models.resnet import BasicBlock, Bottleneck, ResNetBackbone
+from src.models.resnet import RESNETS, ResNetBackbone
+from src.models.vgg import MLPClassifier, vgg16_bn
 
-# arch -> (block, blocks per layer)
-ARCHS = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-    "resnet152": (Bottleneck, (3, 8, 36, 3)),
-}
+
+class Backbone(NamedTuple):
+    """A registry entry: ``build(last_stride)`` returns a Cell with ``out_channels`` mapping
+    (B, 3, H, W) images to (B, out_channels, h, w) features. ``mlp_heads`` are the heads whose
+    default classifier is the three-layer MLP (fast-MPN-COV's mpncovvgg16_bn), not one linear layer."""
+    build: Callable
+    mlp_heads: tuple = ()
+
+
+ARCHS = {name: Backbone(functools.partial(ResNetBackbone, block, layers))
+         for name, (block, layers) in RESNETS.items()}
+ARCHS["vgg16_bn"] = Backbone(vgg16_bn, mlp_heads=("isqrt_cov",))
 
 
 class GlobalAvgPool(nn.Cell):
@@ -42,6 +51,9 @@ class Classifier(nn.Cell):
 
     Initialised as PyTorch's nn.Linear (weight and bias uniform in +-1/sqrt(in)), which is what
     fast-MPN-COV leaves it at."""
+
+    prefix = "fc."
+    input_weight = output_weight = "fc.weight"
 
     def __init__(self, in_features, num_classes):
         super().__init__()
@@ -68,20 +80,26 @@ HEADS = {
 }
 
 
+# classifier kind -> Cell(in_features, num_classes); each names its parameters under its ``prefix``
+CLASSIFIERS = {"linear": Classifier, "mlp": MLPClassifier}
+CLASSIFIER_CHOICES = ("auto",) + tuple(CLASSIFIERS)
+
+
 class ClassificationNet(nn.Cell):
     """features -> representation -> classifier.
 
-    Attributes: ``arch``, ``head``, ``num_classes``; ``classifier_prefix`` ("fc.") is the name
-    prefix of the classifier's parameters (its own learning rate in finetuning, or skipped when
-    loading weights for another number of classes)."""
+    Attributes: ``arch``, ``head``, ``num_classes``, ``classifier_kind`` ("linear" or "mlp");
+    ``classifier_prefix`` ("fc." or "classifier.") is the name prefix of the classifier's parameters
+    (its own learning rate in finetuning, or skipped when loading weights for another number of
+    classes)."""
 
-    classifier_prefix = "fc."
-
-    def __init__(self, features, representation, num_classes, arch="", head=""):
+    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear"):
         super().__init__(auto_prefix=False)
         self.features = features
         self.representation = representation
-        self.classifier = Classifier(representation.output_dim, num_classes)
+        self.classifier = CLASSIFIERS[classifier](representation.output_dim, num_classes)
+        self.classifier_kind = classifier
+        self.classifier_prefix = self.classifier.prefix
         self.arch = arch
         self.head = head
         self.num_classes = num_classes
@@ -100,14 +118,26 @@ def _choices(names):
     return ", ".join(sorted(names))
 
 
-def create_model(arch, head, num_classes, **head_kwargs):
-    """Build ``arch`` (resnet18/34/50/101/152) with ``head`` ("isqrt_cov" or "gap").
+def resolve_classifier(arch, head, classifier="auto"):
+    """The classifier kind: "auto" is fast-MPN-COV's choice for the network (the MLP for
+    vgg16_bn + isqrt_cov as mpncovvgg16_bn, one linear layer otherwise)."""
+    if classifier not in CLASSIFIER_CHOICES:
+        raise ValueError(f"unknown classifier {classifier!r}: choose one of {', '.join(CLASSIFIER_CHOICES)}")
+    if classifier != "auto":
+        return classifier
+    return "mlp" if head in ARCHS[arch].mlp_heads else "linear"
+
+
+def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
+    """Build ``arch`` (resnet18/34/50/101/152, vgg16_bn) with ``head`` (a HEADS key) and a
+    ``classifier`` ("auto", "linear" or "mlp", see resolve_classifier).
 
     head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
-    channels), is_sqrt (True), is_vec (True). "gap" takes none. The "isqrt_cov" network is
+    channels), is_sqrt (True), is_vec (True). "gap" takes none. The "isqrt_cov" ResNet is
     fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
-    Newton-Schulz square root, upper triangle, FC. Unknown names raise ValueError listing the
-    valid ones.
+    Newton-Schulz square root, upper triangle, FC; "vgg16_bn" + "isqrt_cov" is its mpncovvgg16_bn
+    (VGG-16-BN features without the last max-pool, the same head, classifier 32896 -> 4096 ->
+    4096 -> classes). Unknown names raise ValueError listing the valid ones.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {_choices(ARCHS)}")
@@ -120,7 +150,7 @@ def create_model(arch, head, num_classes, **head_kwargs):
         raise ValueError(f"unknown argument(s) {_choices(unknown)} for head {head!r}: valid ones are {valid}")
     if int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    block, layers = ARCHS[arch]
-    features = ResNetBackbone(block, layers, last_stride=last_stride)
+    kind = resolve_classifier(arch, head, classifier)
+    features = ARCHS[arch].build(last_stride=last_stride)
     representation = build(features.out_channels, **{**defaults, **head_kwargs})
-    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head)
+    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind)

@@ -73,6 +73,16 @@ class Bottleneck(nn.Cell):
         return self.relu(out + identity)
 
 
+# arch -> (block, blocks per layer)
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
 class ResNetBackbone(nn.Cell):
     """conv1/bn1/relu/maxpool + layer1..layer4; ``last_stride`` is layer4's stride (1 for
     iSQRT-COV, which keeps 14x14 features at 224 input, 2 for the standard ResNet).
