@@ -13,6 +13,7 @@ import math
 from mindspore import nn
 from mindspore.common.initializer import Uniform
 
+from src.bilinear import BCNN, CBP
 from src.isqrt_cov import ISqrtCov
 from src.models.resnet import BasicBlock, Bottleneck, ResNetBackbone
 
@@ -61,10 +62,21 @@ def _gap(in_channels):
     return GlobalAvgPool(in_channels)
 
 
+def _bcnn(in_channels, dimension_reduction=0):
+    return BCNN(in_channels, dimension_reduction=dimension_reduction)
+
+
+def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="fft"):
+    return CBP(in_channels, proj_dim=proj_dim, dimension_reduction=dimension_reduction, method=cbp_method)
+
+
 # head -> (representation builder, its keyword arguments with defaults, layer4 stride)
 HEADS = {
     "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True}, 1),
     "gap": (_gap, {}, 2),
+    # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
+    "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
+    "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "fft"}, 2),
 }
 
 
@@ -101,12 +113,13 @@ def _choices(names):
 
 
 def create_model(arch, head, num_classes, **head_kwargs):
-    """Build ``arch`` (resnet18/34/50/101/152) with ``head`` ("isqrt_cov" or "gap").
+    """Build ``arch`` (resnet18/34/50/101/152) with ``head`` ("isqrt_cov", "gap", "bcnn" or "cbp").
 
     head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
-    channels), is_sqrt (True), is_vec (True). "gap" takes none. The "isqrt_cov" network is
-    fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
-    Newton-Schulz square root, upper triangle, FC. Unknown names raise ValueError listing the
+    channels), is_sqrt (True), is_vec (True). "gap" takes none. "bcnn": dimension_reduction (0).
+    "cbp": proj_dim (8192), dimension_reduction (0), cbp_method ("fft" or "gram", src/bilinear.py).
+    The "isqrt_cov" network is fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 +
+    BN + ReLU, CovPool, Newton-Schulz square root, upper triangle, FC. Unknown names raise ValueError listing the
     valid ones.
     """
     if arch not in ARCHS:

@@ -1,0 +1,191 @@
+"""Bilinear representations with fast-MPN-COV's semantics: B-CNN and compact bilinear pooling (CBP).
+
+``BCNN`` (Lin et al., ICCV 2015; fast-MPN-COV ``src/representation/BCNN.py``), per sample with X the
+(C, M) feature matrix, M = H*W:  Sigma = X X^T / M (not centred), z = sign(Sigma) sqrt(|Sigma| + 1e-8),
+the whole C x C matrix flattened row-major (C^2 values, not the upper triangle), z / max(||z||, 1e-12).
+
+``CBP`` (Gao et al., CVPR 2016, Tensor Sketch; fast-MPN-COV ``src/representation/CBP.py``): two count
+sketches of every position's feature, ``CS_t(x)[k] = sum_{c: h_t(c) = k} s_t(c) x_c`` (t = 0, 1, to
+``proj_dim`` = D bins), their circular convolution through an FFT, summed over positions (not
+averaged), then the same signed square root and L2 normalisation. Hashes h (int32) and signs s
+(+-1) are drawn once from a seeded NumPy generator and held as non-trainable Parameters
+(``sketch_index``, ``sketch_sign``, shape (2, C)): checkpoints carry them, so a saved network
+reproduces its logits whatever seed a later run uses.
+
+Two exact ways to compute CBP, selected by ``method`` (equal up to float rounding):
+  "fft":  per position: dense (C, D) sketch matrices, real FFTs, complex product summed over
+          positions, one inverse FFT per image. Costs 2 M C D multiply-adds for the sketches plus
+          M real FFTs of length D, and holds (M, D/2+1) complex spectra per image.
+  "gram": Tensor Sketch identity: the circular convolution of two count sketches is the count
+          sketch of x x^T with hash (h_0(i) + h_1(j)) mod D and sign s_0(i) s_1(j) (Pham and Pagh,
+          KDD 2013). Summed over positions this is the count sketch of G = X X^T: M C^2 multiply-
+          adds and a (C, C) matrix per image; no FFT, so every backend runs it.
+
+MindSpore 2.8 FFTs: ``ops.rfft`` / ``ops.irfft`` have CPU and Ascend kernels only (the GPU plugin
+registers none); ``ops.FFTWithSize`` has CPU, GPU (cuFFT) and Ascend kernels and a gradient, so
+it is used here. Products of complex tensors have no gradient in 2.8 ("Mul ... gradient not
+support for complex type"): the spectra's product is formed on their real and imaginary parts.
+
+Every Cell computes in float32 and returns its input's dtype.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common.initializer import HeNormal
+
+SIGNED_SQRT_EPS = 1e-8  # fast-MPN-COV's thresh: added under the square root
+L2_EPS = 1e-12  # torch.nn.functional.normalize's eps: the norm is clamped below by it
+CBP_METHODS = ("fft", "gram")
+
+
+def _to_float32(x):
+    return x if x.dtype == ms.float32 else ops.cast(x, ms.float32)
+
+
+def signed_sqrt_l2(z, thresh=SIGNED_SQRT_EPS):
+    """sign(z) sqrt(|z| + thresh), then each row divided by max(its L2 norm, 1e-12): (B, n) -> (B, n)."""
+    z = ops.sign(z) * ops.sqrt(ops.abs(z) + thresh)
+    norm = ops.sqrt((z * z).sum(axis=1, keepdims=True))
+    return z / ops.maximum(norm, L2_EPS)
+
+
+def sketch_hashes(in_channels, proj_dim, seed=1):
+    """(index, sign): int32 and float32 arrays of shape (2, in_channels), index in [0, proj_dim),
+    sign in {-1, +1}, from NumPy's RandomState(seed) (the same on every platform)."""
+    rng = np.random.RandomState(seed)
+    index = rng.randint(0, proj_dim, size=(2, in_channels)).astype(np.int32)
+    sign = (2 * rng.randint(0, 2, size=(2, in_channels)) - 1).astype(np.float32)
+    return index, sign
+
+
+class _Reduction(nn.Cell):
+    """Optional 1x1 conv + BN + ReLU before pooling, named as iSQRT-COV's (layer_reduce, layer_reduce_bn)
+    so converted checkpoints use one naming. fast-MPN-COV's BCNN and CBP have none (the default)."""
+
+    def __init__(self, in_channels, dimension_reduction):
+        super().__init__()
+        self.enabled = bool(dimension_reduction)
+        self.dim = int(dimension_reduction) if self.enabled else in_channels
+        if self.enabled:
+            self.layer_reduce = nn.Conv2d(in_channels, self.dim, 1, has_bias=False,
+                                          weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+            self.layer_reduce_bn = nn.BatchNorm2d(self.dim, momentum=0.9, eps=1e-5)
+            self.layer_reduce_relu = nn.ReLU()
+
+    def construct(self, x):
+        if self.enabled:
+            return self.layer_reduce_relu(self.layer_reduce_bn(self.layer_reduce(x)))
+        return x
+
+
+class BCNN(nn.Cell):
+    """Bilinear pooling: (B, C, H, W) -> (B, C*C) [or (B, d*d) after a 1x1 reduction to d channels].
+
+    ``output_dim`` = C*C (262144 for VGG-16's 512 channels). ``is_vec`` is fast-MPN-COV's flag;
+    its output is a vector either way (its Basemodel flattens), so it is accepted for symmetry only.
+    """
+
+    def __init__(self, in_channels, dimension_reduction=0, thresh=SIGNED_SQRT_EPS, is_vec=True):
+        super().__init__(auto_prefix=False)
+        self.reduce = _Reduction(in_channels, dimension_reduction)
+        self.dim = self.reduce.dim
+        self.thresh = thresh
+        self.is_vec = is_vec
+        self.output_dim = self.dim * self.dim
+        self.mm_tb = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"BCNN expects a (B, C, H, W) feature map, got shape {x.shape}")
+        dtype = x.dtype
+        x = _to_float32(self.reduce(x))
+        b, c, h, w = x.shape
+        xr = x.reshape(b, c, h * w)
+        sigma = self.mm_tb(xr, xr) * (1.0 / (h * w))
+        y = signed_sqrt_l2(sigma.reshape(b, c * c), self.thresh)
+        return y if dtype == ms.float32 else ops.cast(y, dtype)
+
+    def matmul_flops(self, height, width):
+        """Multiply-adds of X X^T for one image (the full C x C product)."""
+        return self.dim * self.dim * height * width
+
+
+class CBP(nn.Cell):
+    """Compact bilinear pooling by Tensor Sketch: (B, C, H, W) -> (B, proj_dim).
+
+    ``output_dim`` = proj_dim (8192, fast-MPN-COV's and the paper's). ``seed`` draws the hashes
+    (fast-MPN-COV seeds torch with 1); ``method`` "fft" or "gram" (see the module docstring).
+    """
+
+    def __init__(self, in_channels, proj_dim=8192, dimension_reduction=0, method="fft", seed=1,
+                 thresh=SIGNED_SQRT_EPS):
+        super().__init__(auto_prefix=False)
+        if int(proj_dim) != proj_dim or proj_dim < 2:
+            raise ValueError(f"CBP proj_dim must be an integer >= 2, got {proj_dim!r}")
+        if method not in CBP_METHODS:
+            raise ValueError(f"CBP method must be one of {', '.join(CBP_METHODS)}, got {method!r}")
+        self.reduce = _Reduction(in_channels, dimension_reduction)
+        self.dim = self.reduce.dim
+        self.proj_dim = int(proj_dim)
+        self.output_dim = self.proj_dim
+        self.method = method
+        self.thresh = thresh
+        index, sign = sketch_hashes(self.dim, self.proj_dim, seed)
+        self.sketch_index = Parameter(Tensor(index), name="sketch_index", requires_grad=False)
+        self.sketch_sign = Parameter(Tensor(sign), name="sketch_sign", requires_grad=False)
+        self.mm = ops.MatMul()
+        self.mm_tb = ops.BatchMatMul(transpose_b=True)
+        half = self.proj_dim // 2 + 1
+        self.half = half
+        self.rfft = ops.FFTWithSize(signal_ndim=1, inverse=False, real=True, onesided=True)
+        self.irfft = ops.FFTWithSize(signal_ndim=1, inverse=True, real=True, onesided=True,
+                                     signal_sizes=(self.proj_dim,))
+        self.real = ops.Real()
+        self.imag = ops.Imag()
+        self.complex = ops.Complex()
+
+    def _sketch_matrix(self, t):
+        """Dense (C, D) count-sketch matrix of hash t: row c holds s_t(c) at column h_t(c)."""
+        onehot = ops.one_hot(self.sketch_index[t], self.proj_dim, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+        return ops.stop_gradient(onehot * self.sketch_sign[t].reshape(-1, 1))
+
+    def _fft(self, x):
+        b, c, h, w = x.shape
+        m = h * w
+        xt = x.reshape(b, c, m).transpose(0, 2, 1).reshape(b * m, c)
+        f0 = self.rfft(self.mm(xt, self._sketch_matrix(0)))
+        f1 = self.rfft(self.mm(xt, self._sketch_matrix(1)))
+        r0, i0, r1, i1 = self.real(f0), self.imag(f0), self.real(f1), self.imag(f1)
+        # The positions' sum commutes with the inverse FFT: one inverse transform per image.
+        re = (r0 * r1 - i0 * i1).reshape(b, m, self.half).sum(axis=1)
+        im = (r0 * i1 + i0 * r1).reshape(b, m, self.half).sum(axis=1)
+        return self.irfft(self.complex(re, im))
+
+    def _gram(self, x):
+        b, c, h, w = x.shape
+        xr = x.reshape(b, c, h * w)
+        g = self.mm_tb(xr, xr)
+        index = ops.stop_gradient(self.sketch_index)
+        sign = ops.stop_gradient(self.sketch_sign)
+        bins = (index[0].reshape(c, 1) + index[1].reshape(1, c)) % self.proj_dim
+        signs = sign[0].reshape(c, 1) * sign[1].reshape(1, c)
+        # Segment sums reduce the first axis: (C*C, B) -> (D, B).
+        weighted = (g * signs).reshape(b, c * c).transpose(1, 0)
+        return ops.unsorted_segment_sum(weighted, bins.reshape(-1), self.proj_dim).transpose(1, 0)
+
+    def construct(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"CBP expects a (B, C, H, W) feature map, got shape {x.shape}")
+        dtype = x.dtype
+        x = _to_float32(self.reduce(x))
+        y = self._fft(x) if self.method == "fft" else self._gram(x)
+        y = signed_sqrt_l2(y, self.thresh)
+        return y if dtype == ms.float32 else ops.cast(y, dtype)
+
+    def matmul_flops(self, height, width):
+        """Multiply-adds of the matrix products for one image: the two sketches ("fft"; the FFTs,
+        O(M D log D), are not counted) or X X^T ("gram")."""
+        m = height * width
+        if self.method == "fft":
+            return 2 * m * self.dim * self.proj_dim
+        return m * self.dim * self.dim
