@@ -45,8 +45,9 @@ def _to_float32(x):
 def signed_sqrt_l2(z, thresh=SIGNED_SQRT_EPS):
     """sign(z) sqrt(|z| + thresh), then each row divided by max(its L2 norm, 1e-12): (B, n) -> (B, n)."""
     z = ops.sign(z) * ops.sqrt(ops.abs(z) + thresh)
-    norm = ops.sqrt((z * z).sum(axis=1, keepdims=True))
-    return z / ops.maximum(norm, L2_EPS)
+    # max(||z||, eps) as sqrt(max(||z||^2, eps^2)): the same value, but an all-zero z (a dead
+    # feature map) gets a zero gradient instead of 0 * inf = NaN from the square root at 0.
+    return z / ops.sqrt(ops.maximum((z * z).sum(axis=1, keepdims=True), L2_EPS * L2_EPS))
 
 
 def sketch_hashes(in_channels, proj_dim, seed=1):
@@ -133,10 +134,10 @@ class CBP(nn.Cell):
         index, sign = sketch_hashes(self.dim, self.proj_dim, seed)
         self.sketch_index = Parameter(Tensor(index), name="sketch_index", requires_grad=False)
         self.sketch_sign = Parameter(Tensor(sign), name="sketch_sign", requires_grad=False)
-        self.mm = ops.MatMul()
         self.mm_tb = ops.BatchMatMul(transpose_b=True)
-        half = self.proj_dim // 2 + 1
-        self.half = half
+        self.half = self.proj_dim // 2 + 1
+        # ops.rfft has no GPU kernel in 2.8; FFTWithSize has (cuFFT) but its CPU kernel is ~15x slower.
+        self.fft_with_size = ms.get_context("device_target") == "GPU"
         self.rfft = ops.FFTWithSize(signal_ndim=1, inverse=False, real=True, onesided=True)
         self.irfft = ops.FFTWithSize(signal_ndim=1, inverse=True, real=True, onesided=True,
                                      signal_sizes=(self.proj_dim,))
@@ -144,22 +145,28 @@ class CBP(nn.Cell):
         self.imag = ops.Imag()
         self.complex = ops.Complex()
 
-    def _sketch_matrix(self, t):
-        """Dense (C, D) count-sketch matrix of hash t: row c holds s_t(c) at column h_t(c)."""
-        onehot = ops.one_hot(self.sketch_index[t], self.proj_dim, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-        return ops.stop_gradient(onehot * self.sketch_sign[t].reshape(-1, 1))
+    def _sketch(self, xt, t):
+        """Count sketch of hash t of (C, N) columns: (D, N), row k = sum over h_t(c) = k of s_t(c) x_c.
+        A segment sum costs C N additions (a dense (C, D) sketch matrix would cost C D N)."""
+        index = ops.stop_gradient(self.sketch_index[t])
+        sign = ops.stop_gradient(self.sketch_sign[t])
+        return ops.unsorted_segment_sum(xt * sign.reshape(-1, 1), index, self.proj_dim)
+
+    def _spectrum(self, s):
+        return self.rfft(s) if self.fft_with_size else ops.rfft(s, dim=-1)
 
     def _fft(self, x):
         b, c, h, w = x.shape
         m = h * w
-        xt = x.reshape(b, c, m).transpose(0, 2, 1).reshape(b * m, c)
-        f0 = self.rfft(self.mm(xt, self._sketch_matrix(0)))
-        f1 = self.rfft(self.mm(xt, self._sketch_matrix(1)))
+        xt = x.reshape(b, c, m).transpose(1, 0, 2).reshape(c, b * m)
+        f0 = self._spectrum(self._sketch(xt, 0).transpose(1, 0))
+        f1 = self._spectrum(self._sketch(xt, 1).transpose(1, 0))
         r0, i0, r1, i1 = self.real(f0), self.imag(f0), self.real(f1), self.imag(f1)
         # The positions' sum commutes with the inverse FFT: one inverse transform per image.
         re = (r0 * r1 - i0 * i1).reshape(b, m, self.half).sum(axis=1)
         im = (r0 * i1 + i0 * r1).reshape(b, m, self.half).sum(axis=1)
-        return self.irfft(self.complex(re, im))
+        spec = self.complex(re, im)
+        return self.irfft(spec) if self.fft_with_size else ops.irfft(spec, n=self.proj_dim, dim=-1)
 
     def _gram(self, x):
         b, c, h, w = x.shape
@@ -183,9 +190,6 @@ class CBP(nn.Cell):
         return y if dtype == ms.float32 else ops.cast(y, dtype)
 
     def matmul_flops(self, height, width):
-        """Multiply-adds of the matrix products for one image: the two sketches ("fft"; the FFTs,
-        O(M D log D), are not counted) or X X^T ("gram")."""
-        m = height * width
-        if self.method == "fft":
-            return 2 * m * self.dim * self.proj_dim
-        return m * self.dim * self.dim
+        """Multiply-adds of the matrix products for one image: X X^T ("gram"); "fft" has none (its
+        sketches are segment sums and its FFTs, O(M D log D), are not counted)."""
+        return height * width * self.dim * self.dim if self.method == "gram" else 0
