@@ -8,7 +8,8 @@ bench/meta_layer.py. Sizes are those each head sees in fast-MPN-COV's networks:
   isqrt_cov  ResNet-50 at 224: 256 channels (after the 1x1 reduction, not timed here), 14x14, N=5
   bcnn, cbp  VGG-16 (fast-MPN-COV pairs them with it): 512 channels, 14x14 (224) and 28x28 (448)
   cbp        also ResNet-50 at 448 without reduction: 2048 channels, 14x14
-cbp is timed with both methods (fft, gram), which compute the same result.
+cbp is timed with both methods (fft, gram), which compute the same result; fft at 28x28 (about
+30 s a step here) only when asked for with --cases.
 
     python bench/heads.py                                   # B=8, writes bench/results/heads.json
     python bench/heads.py --batch 2 --scale 0.125 --repeats 1 --warmup 0 --out /tmp/h.json
@@ -50,6 +51,9 @@ CASES = {
     "cbp_gram_2048_14": (lambda c, d: CBP(c, d, method="gram"), 2048, 14, "ResNet-50 CBP at 448"),
 }
 
+# cbp_fft_512_28 takes ~30 s a step on 2 cores: run it with --cases when wanted.
+DEFAULT_CASES = [c for c in CASES if c != "cbp_fft_512_28"]
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -62,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per case after compiling")
     p.add_argument("--settle", type=float, default=SETTLE_S, help="idle seconds before each timed run")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of MindSpore's kernels")
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated subset of " + ", ".join(CASES))
     p.add_argument("--out", default=os.path.join(HERE, "results", "heads.json"))
     return p.parse_args(argv)
 
@@ -113,6 +117,13 @@ def main(argv=None):
         result["cases"][name] = e
         print(f"{name:<18} {e['channels']:>5} {e['hw']:>3}x{e['hw']:<2} {e['output_dim']:>8} {e['median_ms']:>10.1f} "
               f"{e['min_ms']:>8.1f} {e['forward_matmul_gmac_per_batch']:>9.2f}  {e['finite']}")
+    # The same quantity computed two ways (src/bilinear.py): time of "fft" over time of "gram".
+    result["cbp_fft_over_gram"] = {
+        name.replace("cbp_fft_", ""): result["cases"][name]["median_ms"] / result["cases"][other]["median_ms"]
+        for name in cases if name.startswith("cbp_fft_")
+        for other in [name.replace("cbp_fft_", "cbp_gram_")] if other in result["cases"]}
+    for size, ratio in result["cbp_fft_over_gram"].items():
+        print(f"cbp fft / gram time at {size}: {ratio:.1f}")
     from src.run_log import write_json
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -13,17 +13,22 @@ averaged), then the same signed square root and L2 normalisation. Hashes h (int3
 reproduces its logits whatever seed a later run uses.
 
 Two exact ways to compute CBP, selected by ``method`` (equal up to float rounding):
-  "fft":  per position: dense (C, D) sketch matrices, real FFTs, complex product summed over
-          positions, one inverse FFT per image. Costs 2 M C D multiply-adds for the sketches plus
-          M real FFTs of length D, and holds (M, D/2+1) complex spectra per image.
-  "gram": Tensor Sketch identity: the circular convolution of two count sketches is the count
-          sketch of x x^T with hash (h_0(i) + h_1(j)) mod D and sign s_0(i) s_1(j) (Pham and Pagh,
-          KDD 2013). Summed over positions this is the count sketch of G = X X^T: M C^2 multiply-
-          adds and a (C, C) matrix per image; no FFT, so every backend runs it.
+  "gram" (default): the Tensor Sketch identity: the circular convolution of two count sketches is
+          the count sketch of x x^T with hash (h_0(i) + h_1(j)) mod D and sign s_0(i) s_1(j) (Pham
+          and Pagh, KDD 2013). Summed over positions it is the count sketch of G = X X^T: M C^2
+          multiply-adds, one segment sum of C^2 entries and a (C, C) matrix per image.
+  "fft":  as the paper and fast-MPN-COV: count sketches of every position (segment sums), real
+          FFTs of length D, the spectra's product summed over positions, one inverse FFT per image.
+          O(M D log D) but it holds (M, D/2+1) complex spectra per image, and MindSpore's CPU FFT
+          and transposes of (M, D) arrays are slow: bench/heads.py measures it 10-40x slower than
+          "gram" at VGG-16 size (512 channels) and no faster at 2048 channels.
+In float32 "fft" leaves round-off of ~1e-7 in bins that no channel pair reaches (exactly 0 in
+"gram"), which the signed square root turns into ~3e-4: harmless, but the two differ there.
 
-MindSpore 2.8 FFTs: ``ops.rfft`` / ``ops.irfft`` have CPU and Ascend kernels only (the GPU plugin
-registers none); ``ops.FFTWithSize`` has CPU, GPU (cuFFT) and Ascend kernels and a gradient, so
-it is used here. Products of complex tensors have no gradient in 2.8 ("Mul ... gradient not
+MindSpore 2.8 FFTs ("fft"): ``ops.rfft`` / ``ops.irfft`` have CPU and Ascend kernels (their docs; the
+GPU plugin registers none) and gradients; ``ops.FFTWithSize`` has CPU, GPU (cuFFT) and Ascend kernels
+and a gradient, but its CPU kernel is ~15x slower than ops.rfft. So the GPU uses FFTWithSize, other
+devices ops.rfft. Products of complex tensors have no gradient in 2.8 ("Mul ... gradient not
 support for complex type"): the spectra's product is formed on their real and imaginary parts.
 
 Every Cell computes in float32 and returns its input's dtype.
@@ -115,10 +120,10 @@ class CBP(nn.Cell):
     """Compact bilinear pooling by Tensor Sketch: (B, C, H, W) -> (B, proj_dim).
 
     ``output_dim`` = proj_dim (8192, fast-MPN-COV's and the paper's). ``seed`` draws the hashes
-    (fast-MPN-COV seeds torch with 1); ``method`` "fft" or "gram" (see the module docstring).
+    (fast-MPN-COV seeds torch with 1); ``method`` "gram" or "fft" (see the module docstring).
     """
 
-    def __init__(self, in_channels, proj_dim=8192, dimension_reduction=0, method="fft", seed=1,
+    def __init__(self, in_channels, proj_dim=8192, dimension_reduction=0, method="gram", seed=1,
                  thresh=SIGNED_SQRT_EPS):
         super().__init__(auto_prefix=False)
         if int(proj_dim) != proj_dim or proj_dim < 2:
@@ -171,13 +176,15 @@ class CBP(nn.Cell):
     def _gram(self, x):
         b, c, h, w = x.shape
         xr = x.reshape(b, c, h * w)
-        g = self.mm_tb(xr, xr)
         index = ops.stop_gradient(self.sketch_index)
         sign = ops.stop_gradient(self.sketch_sign)
+        # s_0(i) s_1(j) G_ij as one product of sign-flipped copies of X: no (B, C, C) broadcast multiply
+        # (2x faster at 2048 channels). ops.index_add would avoid the transposes, but it writes into
+        # its first input in place, which gave wrong gradients in a graph holding two of them.
+        g = self.mm_tb(xr * sign[0].reshape(1, c, 1), xr * sign[1].reshape(1, c, 1))
         bins = (index[0].reshape(c, 1) + index[1].reshape(1, c)) % self.proj_dim
-        signs = sign[0].reshape(c, 1) * sign[1].reshape(1, c)
         # Segment sums reduce the first axis: (C*C, B) -> (D, B).
-        weighted = (g * signs).reshape(b, c * c).transpose(1, 0)
+        weighted = g.reshape(b, c * c).transpose(1, 0)
         return ops.unsorted_segment_sum(weighted, bins.reshape(-1), self.proj_dim).transpose(1, 0)
 
     def construct(self, x):

@@ -57,8 +57,8 @@ SCHEMA = [
     _K("dimension_reduction", None, "int", "channels after a 1x1 conv + BN + ReLU before pooling; 0 = none, "
        "null = the head's default (isqrt_cov 256, bcnn and cbp 0, as fast-MPN-COV)", optional=True),
     _K("proj_dim", 8192, "int", "cbp: Tensor Sketch dimension (the representation's length)"),
-    _K("cbp_method", "fft", "str", "cbp: fft = sketches multiplied through an FFT, gram = the same result "
-       "from the Gram matrix (cheaper for <= 2048 channels)", choices=["fft", "gram"]),
+    _K("cbp_method", "gram", "str", "cbp: gram = the Tensor Sketch of X X^T, fft = the same result as the "
+       "paper computes it, sketches multiplied through FFTs (slower in MindSpore 2.8)", choices=["gram", "fft"]),
     _K("image_size", 224, "int", "side of the square network input (train crop and eval centre crop)"),
     _K("eval_resize", 256, "size", "eval resize before the centre crop: int = shorter side, [h, w] = exact size"),
     _K("train_transform", "random_resized_crop", "str",

@@ -66,7 +66,7 @@ def _bcnn(in_channels, dimension_reduction=0):
     return BCNN(in_channels, dimension_reduction=dimension_reduction)
 
 
-def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="fft"):
+def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="gram"):
     return CBP(in_channels, proj_dim=proj_dim, dimension_reduction=dimension_reduction, method=cbp_method)
 
 
@@ -76,7 +76,7 @@ HEADS = {
     "gap": (_gap, {}, 2),
     # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
     "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
-    "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "fft"}, 2),
+    "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "gram"}, 2),
 }
 
 
@@ -117,7 +117,7 @@ def create_model(arch, head, num_classes, **head_kwargs):
 
     head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
     channels), is_sqrt (True), is_vec (True). "gap" takes none. "bcnn": dimension_reduction (0).
-    "cbp": proj_dim (8192), dimension_reduction (0), cbp_method ("fft" or "gram", src/bilinear.py).
+    "cbp": proj_dim (8192), dimension_reduction (0), cbp_method ("gram" or "fft": the same result, src/bilinear.py).
     The "isqrt_cov" network is fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 +
     BN + ReLU, CovPool, Newton-Schulz square root, upper triangle, FC. Unknown names raise ValueError listing the
     valid ones.
