@@ -139,6 +139,8 @@ class CBP(nn.Cell):
         index, sign = sketch_hashes(self.dim, self.proj_dim, seed)
         self.sketch_index = Parameter(Tensor(index), name="sketch_index", requires_grad=False)
         self.sketch_sign = Parameter(Tensor(sign), name="sketch_sign", requires_grad=False)
+        # Finetuning (--pre_trained) from a checkpoint without them keeps this draw (src/checkpoint.py).
+        self.drawn_params = ("sketch_index", "sketch_sign")
         self.mm_tb = ops.BatchMatMul(transpose_b=True)
         self.half = self.proj_dim // 2 + 1
         # ops.rfft has no GPU kernel in 2.8; FFTWithSize has (cuFFT) but its CPU kernel is ~15x slower.

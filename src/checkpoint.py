@@ -87,6 +87,10 @@ def match_network(net, params, path, classifier_prefix="fc.", skip_classifier=Fa
         missing_cls = [n for n in missing if n.startswith(classifier_prefix)]
         skipped += missing_cls
         missing = [n for n in missing if not n.startswith(classifier_prefix)]
+        # Fixed, untrained parameters a head draws at construction (CBP's hashes) may be absent when
+        # finetuning from another head's weights (e.g. an ImageNet GAP ResNet): they keep their draw.
+        drawn = set(getattr(getattr(net, "representation", None), "drawn_params", ()))
+        missing = [n for n in missing if n not in drawn]
     unexpected = [n for n in params if n not in wanted and not _is_training_state(n)]
     if missing or shape_bad or unexpected:
         fc_w = classifier_prefix + "weight"

@@ -13,6 +13,7 @@ from mindspore import nn, Tensor
 from src.bilinear import BCNN, CBP, sketch_hashes
 from src.checkpoint import load_network, save_atomic
 from src.config import load_config
+from src.errors import CheckpointError
 from src.factory import build_network, build_optimizer, build_train_step, head_kwargs
 from src.models import count_flops, create_model
 
@@ -270,6 +271,22 @@ def test_checkpoint_round_trip_restores_hashes_and_logits(tmp_path):
                                   net.representation.sketch_index.asnumpy())
     assert other.representation.sketch_index.dtype == ms.int32
     np.testing.assert_allclose(other(x).asnumpy(), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_finetuning_from_gap_weights_keeps_the_drawn_hashes(tmp_path):
+    # fast-MPN-COV finetunes B-CNN / CBP from ImageNet GAP networks: the backbone loads, the
+    # classifier is new, CBP's hashes (absent from such a checkpoint) keep their seeded draw.
+    gap = create_model("resnet18", "gap", 4)
+    path = str(tmp_path / "gap.ckpt")
+    save_atomic(gap, path)
+    net = create_model("resnet18", "cbp", 3, proj_dim=64)
+    index = net.representation.sketch_index.asnumpy().copy()
+    _, skipped = load_network(net, path, skip_classifier=True)
+    assert set(skipped) == {"fc.weight", "fc.bias"}
+    np.testing.assert_array_equal(net.features.conv1.weight.asnumpy(), gap.features.conv1.weight.asnumpy())
+    np.testing.assert_array_equal(net.representation.sketch_index.asnumpy(), index)
+    with pytest.raises(CheckpointError, match="sketch_index"):  # evaluation or resume: all must be there
+        load_network(create_model("resnet18", "cbp", 4, proj_dim=64), path)
 
 
 @pytest.mark.parametrize("head", ["bcnn", "cbp"])
