@@ -26,11 +26,12 @@ def test_output_shapes(arch, head):
     x = _input(batch, size)
     f = net.forward_features(x)
     expansion = ARCHS[arch][0].expansion
-    # layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP (/32)
+    # layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP, B-CNN and CBP (/32, as fast-MPN-COV)
     side = size // 16 if head == "isqrt_cov" else size // 32
     assert f.shape == (batch, 512 * expansion, side, side)
     rep = net.representation(f)
-    expected_dim = 256 * 257 // 2 if head == "isqrt_cov" else 512 * expansion
+    channels = 512 * expansion
+    expected_dim = {"isqrt_cov": 256 * 257 // 2, "gap": channels, "bcnn": channels * channels, "cbp": 8192}[head]
     assert net.representation.output_dim == expected_dim
     assert rep.shape == (batch, expected_dim)
     logits = net(x)
