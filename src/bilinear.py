@@ -64,6 +64,21 @@ def sketch_hashes(in_channels, proj_dim, seed=1):
     return index, sign
 
 
+def torch_cbp_hashes(in_channels, proj_dim):
+    """The hashes fast-MPN-COV's CBP draws (torch.manual_seed(1), then h_0, h_1, s_0, s_1 by
+    torch.randint), for converting its checkpoints, which do not store them. Needs PyTorch."""
+    import torch  # pylint: disable=import-outside-toplevel
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(1)
+        index = [torch.randint(0, proj_dim, (in_channels,), dtype=torch.long) for _ in range(2)]
+        sign = [2 * torch.randint(0, 2, (in_channels,)) - 1 for _ in range(2)]
+    finally:
+        torch.random.set_rng_state(state)
+    return (np.stack([i.numpy() for i in index]).astype(np.int32),
+            np.stack([v.numpy() for v in sign]).astype(np.float32))
+
+
 class _Reduction(nn.Cell):
     """Optional 1x1 conv + BN + ReLU before pooling, named as iSQRT-COV's (layer_reduce, layer_reduce_bn)
     so converted checkpoints use one naming. fast-MPN-COV's BCNN and CBP have none (the default)."""

@@ -10,7 +10,7 @@ import pytest
 import mindspore as ms
 from mindspore import nn, Tensor
 
-from src.bilinear import BCNN, CBP, sketch_hashes
+from src.bilinear import BCNN, CBP, sketch_hashes, torch_cbp_hashes
 from src.checkpoint import load_network, save_atomic
 from src.config import load_config
 from src.errors import CheckpointError
@@ -195,6 +195,36 @@ def test_forward_and_gradient_match_numpy(name):
     fd = finite_difference(lambda v: ref(v, head), x.copy(), dout)
     np.testing.assert_allclose(loss.asnumpy(), (expected * dout).sum(), rtol=1e-4)
     np.testing.assert_allclose(grad.asnumpy(), fd, rtol=2e-3, atol=2e-5 * np.abs(fd).max())
+
+
+def _torch_fast_mpn_cov_cbp(x, index, sign, d):
+    """fast-MPN-COV's CBP.forward in PyTorch, its removed torch.fft(x, 1) on (real, imag) pairs
+    replaced by torch.fft.fft: dense sketch matrices, per-position FFT product, sum over positions."""
+    import torch
+    b, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(-1, c)
+    dense = [torch.zeros(c, d, dtype=x.dtype) for _ in range(2)]
+    for t in range(2):
+        dense[t][torch.arange(c), torch.as_tensor(index[t], dtype=torch.long)] = torch.as_tensor(sign[t], dtype=x.dtype)
+    f0 = torch.fft.fft(flat.mm(dense[0]), dim=1)
+    f1 = torch.fft.fft(flat.mm(dense[1]), dim=1)
+    y = torch.fft.ifft(f0 * f1, dim=1).real.reshape(b, h * w, d).sum(dim=1)
+    y = torch.sign(y) * torch.sqrt(torch.abs(y) + 1e-8)
+    return torch.nn.functional.normalize(y).numpy()
+
+
+def test_cbp_with_fast_mpn_cov_hashes_reproduces_its_forward():
+    # A converted fast-MPN-COV CBP checkpoint holds no hashes: torch_cbp_hashes redraws them.
+    import torch
+    index, sign = torch_cbp_hashes(16, 32)
+    torch.manual_seed(1)
+    assert (index[0] == torch.randint(0, 32, (16,)).numpy()).all()  # its first draw, as CBP.__init__
+    x = _features((2, 16, 3, 3), seed=8)
+    ref = _torch_fast_mpn_cov_cbp(torch.as_tensor(x), index, sign, 32)
+    head = CBP(16, 32)
+    head.sketch_index.set_data(Tensor(index))
+    head.sketch_sign.set_data(Tensor(sign))
+    np.testing.assert_allclose(head(Tensor(x.astype(np.float32))).asnumpy(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_fft_and_gram_methods_agree_at_vgg_width():
