@@ -102,16 +102,15 @@ class _Reduction(nn.Cell):
 class BCNN(nn.Cell):
     """Bilinear pooling: (B, C, H, W) -> (B, C*C) [or (B, d*d) after a 1x1 reduction to d channels].
 
-    ``output_dim`` = C*C (262144 for VGG-16's 512 channels). ``is_vec`` is fast-MPN-COV's flag;
-    its output is a vector either way (its Basemodel flattens), so it is accepted for symmetry only.
+    ``output_dim`` = C*C (262144 for VGG-16's 512 channels). fast-MPN-COV's ``is_vec`` flag is not
+    kept: its Basemodel flattens the output either way.
     """
 
-    def __init__(self, in_channels, dimension_reduction=0, thresh=SIGNED_SQRT_EPS, is_vec=True):
+    def __init__(self, in_channels, dimension_reduction=0, thresh=SIGNED_SQRT_EPS):
         super().__init__(auto_prefix=False)
         self.reduce = _Reduction(in_channels, dimension_reduction)
         self.dim = self.reduce.dim
         self.thresh = thresh
-        self.is_vec = is_vec
         self.output_dim = self.dim * self.dim
         self.mm_tb = ops.BatchMatMul(transpose_b=True)
 
