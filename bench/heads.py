@@ -9,7 +9,7 @@ bench/meta_layer.py. Sizes are those each head sees in fast-MPN-COV's networks:
   bcnn, cbp  VGG-16 (fast-MPN-COV pairs them with it): 512 channels, 14x14 (224) and 28x28 (448)
   cbp        also ResNet-50 at 448 without reduction: 2048 channels, 14x14
 cbp is timed with both methods (fft, gram), which compute the same result; fft at 28x28 (about
-30 s a step here) only when asked for with --cases.
+4 s a step on 2 cores) only when asked for with --cases.
 
     python bench/heads.py                                   # B=8, writes bench/results/heads.json
     python bench/heads.py --batch 2 --scale 0.125 --repeats 1 --warmup 0 --out /tmp/h.json
@@ -51,7 +51,7 @@ CASES = {
     "cbp_gram_2048_14": (lambda c, d: CBP(c, d, method="gram"), 2048, 14, "ResNet-50 CBP at 448"),
 }
 
-# cbp_fft_512_28 takes ~30 s a step on 2 cores: run it with --cases when wanted.
+# cbp_fft_512_28 takes ~4 s a step on 2 cores: run it with --cases when wanted.
 DEFAULT_CASES = [c for c in CASES if c != "cbp_fft_512_28"]
 
 
