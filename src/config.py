@@ -52,14 +52,18 @@ SCHEMA = [
     _K("seed", 1, "int", "random seed for initialisation and data order (epoch e uses seed + e)"),
     _K("arch", "resnet50", "str", "backbone",
        choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16_bn"]),
-    _K("head", "isqrt_cov", "str", "representation: iSQRT-COV pooling or global average pooling",
-       choices=["isqrt_cov", "gap"]),
+    _K("head", "isqrt_cov", "str", "representation: iSQRT-COV pooling, global average pooling, B-CNN "
+       "or compact bilinear pooling", choices=["isqrt_cov", "gap", "bcnn", "cbp"]),
     _K("num_classes", 1000, "int", "number of classes (must match the class folders)"),
     _K("classifier", "auto", "str", "classifier: auto = fast-MPN-COV's (4096-4096 MLP for vgg16_bn + isqrt_cov, "
        "one linear layer otherwise), linear, or mlp (two hidden layers of 4096, ReLU, dropout 0.5)",
        choices=["auto", "linear", "mlp"]),
     _K("iter_num", 5, "int", "Newton-Schulz iterations of the matrix square root"),
-    _K("dimension_reduction", 256, "int", "channels after the 1x1 reduction conv before covariance pooling"),
+    _K("dimension_reduction", None, "int", "channels after a 1x1 conv + BN + ReLU before pooling; 0 = none, "
+       "null = the head's default (isqrt_cov 256, bcnn and cbp 0, as fast-MPN-COV)", optional=True),
+    _K("proj_dim", 8192, "int", "cbp: Tensor Sketch dimension (the representation's length)"),
+    _K("cbp_method", "gram", "str", "cbp: gram = the Tensor Sketch of X X^T, fft = the same result as the "
+       "paper computes it, sketches multiplied through FFTs (slower in MindSpore 2.8)", choices=["gram", "fft"]),
     _K("image_size", 224, "int", "side of the square network input (train crop and eval centre crop)"),
     _K("eval_resize", 256, "size", "eval resize before the centre crop: int = shorter side, [h, w] = exact size"),
     _K("train_transform", "random_resized_crop", "str",
@@ -124,7 +128,7 @@ _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "boo
                "size": "an integer or a [height, width] list of two integers"}
 
 # Lower bounds of integer / float keys (inclusive), checked after merging.
-_MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimension_reduction": 1,
+_MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimension_reduction": 0, "proj_dim": 2,
         "image_size": 1, "batch_size": 1, "lr_base_batch": 1, "num_parallel_workers": 1, "prefetch_size": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
@@ -304,7 +308,7 @@ def _check_values(values, sources):
         raise ConfigError(f"{sources[name]}: key '{name}' {msg}")
 
     for name, lo in _MIN.items():
-        if values[name] < lo:
+        if values[name] is not None and values[name] < lo:
             fail(name, f"must be >= {lo}, got {values[name]}")
     for name in ("momentum", "label_smoothing"):
         if values[name] >= 1.0:

@@ -5,15 +5,16 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from src.errors import ConfigError
-from src.models import create_model
+from src.models import HEADS, create_model
 from src.precision import apply_precision, resolve_amp_level
 
 
 def head_kwargs(cfg):
-    """Keyword arguments of the configured head (the GAP head takes none)."""
-    if cfg.head == "isqrt_cov":
-        return {"iter_num": cfg.iter_num, "dimension_reduction": cfg.dimension_reduction}
-    return {}
+    """Keyword arguments of the configured head: those it declares in HEADS that are config keys,
+    unless null (then the head's own default applies, e.g. dimension_reduction 256 for isqrt_cov,
+    0 for bcnn and cbp). A new head thus needs its HEADS entry and SCHEMA keys, nothing here."""
+    declared = HEADS[cfg.head][1] if cfg.head in HEADS else {}
+    return {k: cfg[k] for k in declared if k in cfg and cfg[k] is not None}
 
 
 def build_network(cfg):

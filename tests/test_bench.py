@@ -134,3 +134,20 @@ def test_small_graph_execution_mode(tmp_path, wrapped):
     x = np.arange(2 * 4 * 4, dtype=np.float64).reshape(2, 4, 4) / 10
     expected = np.stack([x @ np.ones((2, 4, 4)), x - 1])
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
+
+
+def test_heads_tiny(tmp_path):
+    r = _run("heads.py", ["--batch", "1", "--scale", "0.0625", "--repeats", "1", "--warmup", "0",
+                          "--cases", "gap_2048_7,isqrt_cov_256_14,bcnn_512_14,cbp_fft_512_14,cbp_gram_512_14"], tmp_path)
+    assert r["config"]["batch"] == 1 and r["config"]["proj_dim"] == 512 and r["config"]["mode"] == "GRAPH_MODE"
+    cases = r["cases"]
+    assert set(cases) == {"gap_2048_7", "isqrt_cov_256_14", "bcnn_512_14", "cbp_fft_512_14", "cbp_gram_512_14"}
+    assert all(e["finite"] and e["median_ms"] > 0 for e in cases.values())
+    assert cases["bcnn_512_14"]["output_dim"] == 32 * 32 and cases["gap_2048_7"]["output_dim"] == 128
+    assert cases["isqrt_cov_256_14"]["output_dim"] == 16 * 17 // 2
+    assert cases["cbp_gram_512_14"]["output_dim"] == cases["cbp_fft_512_14"]["output_dim"] == 512
+    # X X^T for bcnn and cbp's gram method alike; fft's sketches are not products.
+    assert cases["bcnn_512_14"]["forward_matmul_gmac_per_batch"] == \
+        cases["cbp_gram_512_14"]["forward_matmul_gmac_per_batch"] == 32 * 32 * 196 / 1e9
+    assert r["cbp_fft_over_gram"]["512_14"] == pytest.approx(
+        cases["cbp_fft_512_14"]["median_ms"] / cases["cbp_gram_512_14"]["median_ms"])

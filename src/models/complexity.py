@@ -28,8 +28,9 @@ def count_flops(net, image_size=224):
     record the input and output shapes of every Conv2d and Dense cell, and the feature-map size
     entering ``net.representation``. Returns a dict:
       "conv_fc": convolutions and fully connected layers (incl. iSQRT-COV's 1x1 reduction conv);
-      "meta": covariance and Newton-Schulz matrix products of the meta-layer, from
-              ``representation.matmul_flops`` (0 for representations without one, e.g. GAP);
+      "meta": matrix products of the representation, from ``representation.matmul_flops``:
+              iSQRT-COV's covariance and Newton-Schulz products, X X^T of B-CNN and of CBP's
+              "gram" method (CBP "fft": its FFTs are not counted); 0 for GAP;
       "total": their sum.
     Element-wise work (BN, ReLU, pooling, additions) is not counted, as in torchvision's figure.
     """

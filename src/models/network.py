@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 from mindspore import nn
 from mindspore.common.initializer import Uniform
 
+from src.bilinear import BCNN, CBP
 from src.isqrt_cov import ISqrtCov
 from src.models.resnet import RESNETS, ResNetBackbone
 from src.models.vgg import MLPClassifier, vgg16_bn
@@ -73,10 +74,21 @@ def _gap(in_channels):
     return GlobalAvgPool(in_channels)
 
 
+def _bcnn(in_channels, dimension_reduction=0):
+    return BCNN(in_channels, dimension_reduction=dimension_reduction)
+
+
+def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="gram"):
+    return CBP(in_channels, proj_dim=proj_dim, dimension_reduction=dimension_reduction, method=cbp_method)
+
+
 # head -> (representation builder, its keyword arguments with defaults, layer4 stride)
 HEADS = {
     "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True}, 1),
     "gap": (_gap, {}, 2),
+    # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
+    "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
+    "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "gram"}, 2),
 }
 
 
@@ -133,7 +145,9 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     ``classifier`` ("auto", "linear" or "mlp", see resolve_classifier).
 
     head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
-    channels), is_sqrt (True), is_vec (True). "gap" takes none. The "isqrt_cov" ResNet is
+    channels), is_sqrt (True), is_vec (True). "gap" takes none. "bcnn": dimension_reduction (0).
+    "cbp": proj_dim (8192), dimension_reduction (0), cbp_method ("gram" or "fft": the same result,
+    src/bilinear.py). The "isqrt_cov" ResNet is
     fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
     Newton-Schulz square root, upper triangle, FC; "vgg16_bn" + "isqrt_cov" is its mpncovvgg16_bn
     (VGG-16-BN features without the last max-pool, the same head, classifier 32896 -> 4096 ->
