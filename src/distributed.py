@@ -5,6 +5,7 @@ under ``mpirun``, MindSpore's dynamic cluster started from the MPI ranks (MindSp
 start-up supports GPU and Ascend only): rank 0 starts the scheduler process and MPI broadcasts its
 address, then every rank joins as a worker. Rank and group size always come from MindSpore.
 """
+import atexit
 import logging
 import os
 import socket
@@ -151,6 +152,7 @@ def _start_cpu_cluster_from_mpi():
         _SCHEDULER = subprocess.Popen(
             [sys.executable, "-c", SCHEDULER_CODE], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(_stop_scheduler)  # also when rank 0 ends with a traceback
         _wait_listening(host, port, _SCHEDULER)
     # Workers that dial before the scheduler listens fall into MindSpore's slow reconnect loop
     # (25-60 s here): everyone waits for rank 0 to see the scheduler's port open.
@@ -195,10 +197,14 @@ def exit_process(code=0):
     if request.Test():
         from mpi4py import MPI
         MPI.Finalize()
-    if _SCHEDULER is not None:
+    _stop_scheduler()
+    os._exit(code)
+
+
+def _stop_scheduler():
+    if _SCHEDULER is not None and _SCHEDULER.poll() is None:
         _SCHEDULER.kill()
         _SCHEDULER.wait()
-    os._exit(code)
 
 
 # MindSpore's CPU collectives give up after MS_NODE_TIMEOUT seconds of waiting for a peer (30 by
