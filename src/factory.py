@@ -4,7 +4,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from src.errors import ConfigError
 from src.models import HEADS, create_model
 from src.precision import apply_precision, resolve_amp_level
 
@@ -53,8 +52,7 @@ def param_groups(cfg, net, lr_per_step):
 
 
 def build_optimizer(cfg, net, lr_per_step):
-    if cfg.optimizer != "momentum":
-        raise ConfigError(f"optimizer must be 'momentum', got '{cfg.optimizer}'")
+    """SGD with momentum (the one optimizer the schema offers) over ``param_groups``."""
     groups = param_groups(cfg, net, lr_per_step)
     return nn.Momentum(groups, learning_rate=ms.Tensor(lr_per_step, ms.float32), momentum=float(cfg.momentum))
 

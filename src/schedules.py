@@ -88,6 +88,4 @@ def create_lr_schedule(cfg, steps_per_epoch):
     (linear scaling rule); warmup_lr_init and lr_end are absolute values, not scaled.
     The classifier's group uses this array times cfg.classifier_lr_factor.
     """
-    if cfg.lr_schedule not in SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {sorted(SCHEDULES)}, got '{cfg.lr_schedule}'")
     return SCHEDULES[cfg.lr_schedule](cfg, scaled_lr(cfg), int(steps_per_epoch))

@@ -110,27 +110,6 @@ def main_py_resnet(net, layout):
     return Basemodel(nn.Sequential(*stem), rep, net.fc)
 
 
-def randomize_bn_(model, seed=0):
-    """Convolutions initialised as fast-MPN-COV's VGG and ResNets (Kaiming normal, fan_out, bias 0:
-    PyTorch's default would shrink the features layer after layer until the logits are the
-    classifier's bias), and non-trivial BN statistics and affine parameters, so eval-mode BN matters."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.out_channels, generator=gen))
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model
-
-
 def main_py_checkpoint(model, arch, wrap="features"):
     """What main.py's save_checkpoint writes, after one SGD step (so the optimizer holds momenta).
     wrap="features": model.features in nn.DataParallel (main.py without --gpu / distributed);

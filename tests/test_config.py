@@ -217,3 +217,10 @@ def test_checkpoint_scripts_read_the_config_saved_beside_the_checkpoint(tmp_path
     cfg, note = config_module.load_checkpoint_config([f"--checkpoint_file_path={ckpt}",
                                                       f"--config_path={DEFAULT_CONFIG}"])
     assert cfg.config_path == DEFAULT_CONFIG and cfg.num_classes == 10 and note.endswith("(--config_path)")
+
+
+def test_skip_mode_is_refused_with_run_distribute():
+    """bad_image_mode 'skip' gives ranks different numbers of batches: one would wait forever."""
+    with pytest.raises(ConfigError, match="bad_image_mode' is 'skip'.*use 'replace'"):
+        load_config(["--run_distribute=True", "--device_num=2", "--bad_image_mode=skip"])
+    assert load_config(["--run_distribute=True", "--device_num=2"]).bad_image_mode == "replace"

@@ -105,7 +105,7 @@ def test_main_py_checkpoint_for_another_arch_gives_hint(tmp_path):
 def test_mpncovvgg16_bn_parameter_count_and_logits():
     """The big network: fast-MPN-COV's mpncovvgg16_bn (bare state_dict, its own names) has as many
     parameters as create_model("vgg16_bn", "isqrt_cov", 1000) and converts to the same logits."""
-    model = fm.randomize_bn_(fm.mpncovvgg16_bn(1000), seed=2).eval()
+    model = randomize_(fm.mpncovvgg16_bn(1000), seed=2).eval()
     assert _torch_count(model) == 170_479_144
     notes = []
     params = convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, "vgg16_bn", "isqrt_cov",
@@ -121,7 +121,7 @@ def test_mpncovvgg16_bn_parameter_count_and_logits():
 def test_main_py_vgg_finetuned_with_linear_classifier(tmp_path):
     """main.py -a mpncovvgg16_bn --pretrained (finetune_mpncovvggd16.sh): features in DataParallel,
     the reduction in representation.conv_dr_block, one nn.Linear 32896 -> classes."""
-    model = fm.randomize_bn_(fm.main_py_vgg16_bn(fm.MPNCOV(5, 512, 256), 7, pretrained=True), seed=4).eval()
+    model = randomize_(fm.main_py_vgg16_bn(fm.MPNCOV(5, 512, 256), 7, pretrained=True), seed=4).eval()
     ckpt = fm.main_py_checkpoint(model, "mpncovvgg16_bn")
     assert "features.module.0.weight" in ckpt["state_dict"] and "classifier.weight" in ckpt["state_dict"]
     src, dst = tmp_path / "model_best.pth.tar", tmp_path / "cub.ckpt"
@@ -146,7 +146,7 @@ def test_main_py_vgg_finetuned_with_linear_classifier(tmp_path):
 
 def test_main_py_vgg_gavp_from_scratch_has_mlp_classifier():
     """main.py -a vgg16_bn --representation GAvP without --pretrained keeps VGG's MLP (512 -> 4096)."""
-    model = fm.randomize_bn_(fm.main_py_vgg16_bn(fm.GAvP(512), 5, pretrained=False), seed=6).eval()
+    model = randomize_(fm.main_py_vgg16_bn(fm.GAvP(512), 5, pretrained=False), seed=6).eval()
     state = {"module." + k: v.numpy() for k, v in model.state_dict().items()}
     params = convert_state_dict(state, "vgg16_bn", "gap", 5, log=lambda *_: None)
     net = _ms_net(params, "vgg16_bn", "gap", 5, classifier="mlp")
@@ -158,7 +158,7 @@ def test_main_py_vgg_gavp_from_scratch_has_mlp_classifier():
 def test_torchvision_vgg16_bn_gives_the_backbone():
     """torchvision's vgg16_bn (classifier after a 7x7 pool, 25088 inputs) initialises the backbone of
     any head; its features reproduce torchvision's conv features (without the last max-pool)."""
-    features = fm.randomize_bn_(fm.vgg_features(), seed=8).eval()
+    features = randomize_(fm.vgg_features(), seed=8).eval()
     state = {f"features.{k}": v.numpy() for k, v in features.state_dict().items()}
     for i, shape in ((0, (4096, 25088)), (3, (4096, 4096)), (6, (1000, 4096))):  # names and shapes only
         state[f"classifier.{i}.weight"] = np.zeros(shape, np.float32)

@@ -197,14 +197,18 @@ def create_torch_model(arch, head, num_classes, iter_num=5, dimension_reduction=
 def randomize_(model, seed=0):
     """Random weights and non-trivial BN statistics (so eval-mode BN matters), in place.
 
-    Conv and fc weights keep their reference initialisation drawn from ``seed``; BN weight, bias,
-    running mean and running variance are drawn away from 1/0/0/1."""
+    Conv weights Kaiming normal (fan_out) as fast-MPN-COV's ResNets and VGG (PyTorch's default would
+    shrink VGG's features layer after layer until the logits are the classifier's bias), conv biases
+    (VGG) small and random, fc weights their reference initialisation, all drawn from ``seed``; BN
+    weight, bias, running mean and running variance are drawn away from 1/0/0/1."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.out_channels, generator=gen))
             elif isinstance(m, nn.BatchNorm2d):
                 n = m.num_features
                 m.weight.copy_(0.5 + torch.rand(n, generator=gen))
