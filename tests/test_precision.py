@@ -266,3 +266,19 @@ def test_train_py_o2_end_to_end_evaluates_and_resumes(data, tmp_path):
     losses = [r["train_loss"] for r in rows]
     assert all(np.isfinite(losses)) and losses[1] < losses[0], losses
     assert _counter(ms.load_checkpoint(latest)) == 12 + 1  # the loss-scale state went on from the checkpoint
+
+
+def test_a_collapsed_loss_scale_stops_the_run(tmp_path):
+    """An overflow at loss scale 1 cannot be cured by lowering the scale: train.py stops, naming the
+    step, exit 3, and writes no checkpoint of that epoch. The step before the NaN batch trains."""
+    data = make_image_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=1)
+    out = str(tmp_path / "out")
+    proc = run_script("train.py", tiny_flags(data, out, amp_level="O2", loss_scale=1, epoch_size=1),
+                      cwd=tmp_path, env={"ISQRT_COV_INJECT_NAN_STEP": "1"}, check=False)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: 1 overflowing step(s) in a row, loss scale 1 at epoch 1 step 2 (global step 1) on at least one "
+        f"rank: the run stopped and no checkpoint was written; lower --lr, check the data, or resume from "
+        f"{os.path.join(out, 'ckpt', 'latest.ckpt')}")
+    assert "epoch 1/1 step 1/2 loss" in proc.stdout
+    assert not os.path.exists(os.path.join(out, "ckpt", "latest.ckpt"))
