@@ -227,8 +227,8 @@ class Trainer:
                     self._log_step(epoch, step, float(out[0].asnumpy()))
                 if stop:
                     break
-        if pending is not None and not stop:
-            stop = self._check(pending, epoch, step, applied)
+        if pending is not None:  # the last step's control
+            stop = self._check(pending, epoch, step, applied) or stop
         done = step + 1
         if stop and done < spe:
             self._on_main("saving latest.ckpt", lambda: self._finite_weights() and

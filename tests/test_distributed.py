@@ -182,13 +182,32 @@ def test_sigterm_to_one_rank_stops_both_and_resume_equals_uninterrupted(lockstep
 
 
 def test_resume_two_ranks_with_a_longer_or_shorter_epoch_size(lockstep_data, reference, tmp_path):
+    """The finished 2-epoch run extended to 3 under mpirun, stopped on the way by SIGUSR1 to mpirun
+    itself (which forwards it to every rank and, unlike SIGTERM, lets them finish), resumed again."""
     out = str(tmp_path / "out")
     shutil.copytree(reference[0], out)
     latest = os.path.join(out, "ckpt", "latest.ckpt")
-    longer = run_script("train.py", _flags(lockstep_data, out, resume_ckpt=latest, epoch_size=3), cwd=tmp_path,
-                        launcher=MPIRUN)
+    args = _flags(lockstep_data, out, resume_ckpt=latest, epoch_size=3)
+    proc = subprocess.Popen(MPIRUN + [sys.executable, os.path.join(ROOT, "train.py")] + args, cwd=str(tmp_path),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log1 = os.path.join(out, "logs", "rank_1.log")
+        deadline = time.time() + 300
+        while "epoch 3/3 step 2/6" not in open(log1).read() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    stopped = [re.findall(r"signal 10: saved \S+ at epoch 3 step (\d)", log) for log in _logs(out)]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, output[-3000:]
+    assert int(ms.load_checkpoint(latest)["step_in_epoch"].asnumpy()) == int(stopped[0][0])
+
+    longer = run_script("train.py", args, cwd=tmp_path, launcher=MPIRUN)
     log0 = _logs(out)[0]
-    assert "at epoch 3 step 0" in log0 and "epoch 3/3 step 6/6" in log0 and "epoch 2/3" not in log0, longer.stdout
+    assert f"at epoch 3 step {stopped[0][0]}" in log0 and "epoch 3/3 step 6/6" in log0 and "epoch 2/3" not in log0, \
+        longer.stdout
     assert int(ms.load_checkpoint(latest)["epoch"].asnumpy()) == 2
     shorter = run_script("train.py", _flags(lockstep_data, out, resume_ckpt=latest, epoch_size=1), cwd=tmp_path,
                          launcher=MPIRUN)
