@@ -8,8 +8,9 @@ finite differences of these for the gradients. Forward and backward run in GRAPH
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import nn, Tensor
+from mindspore import Tensor
 
+from bench.meta_layer import FwdBwd  # (<net(x), dout>, its gradient w.r.t. x) in one graph
 from src.bilinear import BCNN, CBP, sketch_hashes, torch_cbp_hashes
 from src.checkpoint import load_network, save_atomic
 from src.config import load_config
@@ -87,26 +88,6 @@ def finite_difference(f, x, dout, eps=1e-6):
         flat[k] = keep
         gflat[k] = (up - down) / (2 * eps)
     return g
-
-
-class _Loss(nn.Cell):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def construct(self, x, dout):
-        return (self.net(x) * dout).sum()
-
-
-class ValueAndGrad(nn.Cell):
-    """(<net(x), dout>, its gradient w.r.t. x) in one graph."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.value_and_grad = ms.value_and_grad(_Loss(net), grad_position=0)
-
-    def construct(self, x, dout):
-        return self.value_and_grad(x, dout)
 
 
 def _features(shape, seed=0):
@@ -191,7 +172,7 @@ def test_forward_and_gradient_match_numpy(name):
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
 
     dout = np.random.default_rng(3).standard_normal(expected.shape)
-    loss, grad = ValueAndGrad(head)(Tensor(x.astype(np.float32)), Tensor(dout.astype(np.float32)))
+    loss, grad = FwdBwd(head)(Tensor(x.astype(np.float32)), Tensor(dout.astype(np.float32)))
     fd = finite_difference(lambda v: ref(v, head), x.copy(), dout)
     np.testing.assert_allclose(loss.asnumpy(), (expected * dout).sum(), rtol=1e-4)
     np.testing.assert_allclose(grad.asnumpy(), fd, rtol=2e-3, atol=2e-5 * np.abs(fd).max())
@@ -252,7 +233,7 @@ def test_bcnn_uses_the_full_matrix_and_cbp_sums_positions():
 
 def test_zero_features_give_finite_outputs_and_gradients():
     head = CBP(4, 8, method="gram")
-    loss, grad = ValueAndGrad(head)(Tensor(np.zeros((2, 4, 2, 2), np.float32)), Tensor(np.ones((2, 8), np.float32)))
+    loss, grad = FwdBwd(head)(Tensor(np.zeros((2, 4, 2, 2), np.float32)), Tensor(np.ones((2, 8), np.float32)))
     assert np.isfinite(loss.asnumpy()) and np.isfinite(grad.asnumpy()).all()
     assert np.isfinite(BCNN(4)(Tensor(np.zeros((1, 4, 2, 2), np.float32))).asnumpy()).all()
 
