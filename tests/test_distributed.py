@@ -1,4 +1,5 @@
 """Data parallelism on CPU: mpirun (the seed's launcher) and msrun, two processes each."""
+import json
 import os
 import random
 import re
@@ -60,6 +61,20 @@ def test_no_bn_network_matches_single_process_under_mpirun_and_msrun(data, tmp_p
         _assert_same(r0, ref, 1e-4, 1e-6)  # = one process over the same global batch
     moved = max(np.abs(ref[k] - v).max() for k, v in _load(os.path.join(mpi, "rank_0.npz")).items())
     assert moved < 1e-4
+
+
+def test_ranks_decide_together_and_a_failure_on_one_rank_stops_all(tmp_path):
+    out = str(tmp_path / "out")
+    proc = subprocess.run(MPIRUN + [sys.executable, os.path.join(ROOT, "tests", "ranks_worker.py"), out],
+                          cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.load(open(os.path.join(out, f"rank_{r}.json"))) for r in (0, 1))
+    for got in (r0, r1):
+        assert got["sum"] == [2.0, 1.0] and got["gather"] == [10.0, 11.0] and got["broadcast"] == 7.0
+        assert got["any_false"] is False and got["any_rank1"] is True
+    assert (r0["agreed"], r1["agreed"]) == (100, 101)  # each rank's own result when all succeed
+    assert r1["error"] == ["DataError", "rank 1 cannot read its shard"]  # the failing rank: its own error
+    assert r0["error"] == ["RankFailed", "reading the data failed on rank 1 (see logs/rank_1.log); every rank stopped"]
 
 
 def _flags(data, out, **kw):
