@@ -61,9 +61,8 @@ def main(argv=None):
               "python": platform.python_version(), "cpu_count": os.cpu_count(), "extra_flags": args.extra,
               "checkouts": {label: {"path": os.path.abspath(repo), "git": git_rev(repo), "runs": runs[label]}
                             for label, repo in repos.items()}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    from src.run_log import write_json
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -13,7 +13,6 @@ FLOPs are multiply-adds (torchvision's convention; see src/models/complexity.py)
     python bench/model_table.py --archs resnet18,vgg16_bn --markdown /tmp/table.md
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import mindspore as ms  # noqa: E402
 
 from src.models import ARCHS, HEADS, count_flops, count_params, create_model  # noqa: E402
 from src.models.network import resolve_classifier  # noqa: E402
+from src.run_log import write_json  # noqa: E402
 
 SETTINGS = {"imagenet": {"num_classes": 1000, "image_size": 224, "classifier": "auto"},
             "fine_grained": {"num_classes": 200, "image_size": 448, "classifier": "linear"}}
@@ -121,9 +121,7 @@ def main(argv=None):
               "rows": rows, "not_built": skipped,
               "references": [{"arch": a, "head": h, "dataset": d, "value": v, "what": w, "source": s}
                              for (a, h, d), refs in REFERENCES.items() for v, w, s in refs]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -19,8 +19,6 @@ import mindspore as ms
 from src.errors import DeviceError, first_line
 
 
-
-
 @dataclass
 class DistInfo:
     rank: int = 0
