@@ -60,9 +60,6 @@ class Ranks:
         """Rank 0's ``value`` (a number) on every rank."""
         return self.gather(value)[0]
 
-    def barrier(self):
-        self.any(False)
-
     def agree(self, what, fn):
         """Run ``fn`` on every rank and return its result, unless it raised a UserError on any rank:
         then every rank raises, the failing ones their own error and the others RankFailed naming them."""
