@@ -253,12 +253,17 @@ class Trainer:
         self._overflows += 1
         dynamic = self.train_step.scale_update is not None
         where = f"epoch {epoch + 1} step {step + 1} (global step {epoch * self.steps_per_epoch + step})"
-        if not dynamic or scale <= 1.0 or self._overflows >= MAX_CONSECUTIVE_OVERFLOWS:
-            why = "non-finite loss, gradients or BatchNorm statistics" if not dynamic else \
+        # float16: skip and go on, as MindSpore's loss-scale wrappers do, until MAX in a row (or a
+        # dynamic scale already at 1); float32 (O0): a non-finite step is divergence, stop at once.
+        if not self.train_step.float16 or (dynamic and scale <= 1.0) or \
+                self._overflows >= MAX_CONSECUTIVE_OVERFLOWS:
+            why = "non-finite loss, gradients or BatchNorm statistics" if not self.train_step.float16 else \
                 f"{self._overflows} overflowing step(s) in a row, loss scale {scale:g}"
             raise TrainingStopped(f"{why} at {where} on at least one rank: the run stopped and no checkpoint "
                                   f"was written; lower --lr, check the data, or resume from {self.ckpt.latest}")
-        self.log.warning(f"{where}: overflow, step skipped on every rank (loss scale {scale:g} -> {scale / 2:g})")
+        change = f"loss scale {scale:g} -> {scale / 2:g}" if dynamic else f"fixed loss scale {scale:g}"
+        self.log.warning(f"{where}: overflow, step skipped on every rank ({change}), "
+                         f"{self._overflows} in a row")
         return int(stop)
 
     def _log_step(self, epoch, step, loss):

@@ -109,10 +109,13 @@ class TrainStep(nn.Cell):
 
     MindSpore's TrainOneStepWithLossScaleCell cannot serve here: on CPU it selects an Ascend-only
     overflow kernel. With ``scale_update`` (a DynamicLossScaleUpdateCell) the scale adapts.
+    ``float16`` marks a mixed-precision step: its overflows are expected now and then (skipped and
+    counted by the loop, fixed scale or dynamic), while in float32 a non-finite step means divergence.
     """
 
-    def __init__(self, net_with_loss, optimizer, loss_scale=1.0, scale_update=None):
+    def __init__(self, net_with_loss, optimizer, loss_scale=1.0, scale_update=None, float16=False):
         super().__init__(auto_prefix=False)
+        self.float16 = bool(float16)
         self.network = net_with_loss
         self.optimizer = optimizer
         self.weights = optimizer.parameters
@@ -175,8 +178,8 @@ def build_train_step(cfg, net, optimizer):
     elif cfg.dynamic_loss_scale:
         update = nn.DynamicLossScaleUpdateCell(loss_scale_value=float(cfg.loss_scale), scale_factor=2,
                                                scale_window=int(cfg.loss_scale_window))
-        step = TrainStep(net_with_loss, optimizer, float(cfg.loss_scale), update)
+        step = TrainStep(net_with_loss, optimizer, float(cfg.loss_scale), update, float16=True)
     else:
-        step = TrainStep(net_with_loss, optimizer, float(cfg.loss_scale))
+        step = TrainStep(net_with_loss, optimizer, float(cfg.loss_scale), float16=True)
     step.set_train(True)
     return step

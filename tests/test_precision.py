@@ -282,3 +282,56 @@ def test_a_collapsed_loss_scale_stops_the_run(tmp_path):
         f"{os.path.join(out, 'ckpt', 'latest.ckpt')}")
     assert "epoch 1/1 step 1/2 loss" in proc.stdout
     assert not os.path.exists(os.path.join(out, "ckpt", "latest.ckpt"))
+
+
+def test_fixed_loss_scale_skips_an_overflowing_step_and_goes_on(tmp_path):
+    """O2 with a fixed scale: the NaN batch of global step 1 is skipped on every rank and counted,
+    the run goes on to the end (exit 0) with finite weights and the scale unchanged."""
+    data = make_image_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=1)
+    out = str(tmp_path / "out")
+    proc = run_script("train.py", tiny_flags(data, out, amp_level="O2", dynamic_loss_scale=False, loss_scale=1024),
+                      cwd=tmp_path, env={"ISQRT_COV_INJECT_NAN_STEP": "1"})
+    log = proc.stdout + proc.stderr
+    assert ("epoch 1 step 2 (global step 1): overflow, step skipped on every rank (fixed loss scale 1024), "
+            "1 in a row") in log
+    assert log.count("overflow, step skipped") == 1 and "epoch 2/2 step 2/2 loss" in log
+    state = ms.load_checkpoint(os.path.join(out, "ckpt", "latest.ckpt"))
+    assert int(state["epoch"].asnumpy()) == 1 and float(state["scale_sense"].asnumpy()) == 1024.0
+    for name, value in state.items():
+        if hasattr(value, "asnumpy") and value.dtype == ms.float32:
+            assert np.isfinite(value.asnumpy()).all(), name
+    assert all(np.isfinite(r["train_loss"]) for r in _metrics(out))
+
+
+class _FakeStep:
+    def __init__(self, float16, dynamic):
+        self.float16, self.scale_update = float16, (object() if dynamic else None)
+
+
+def _bare_trainer(float16, dynamic):
+    from src.engine import Trainer
+    t = Trainer.__new__(Trainer)
+    t.train_step, t.steps_per_epoch, t._overflows = _FakeStep(float16, dynamic), 10, 0
+    t.log, t.ckpt = logging.getLogger("test_fixed_scale"), type("C", (), {"latest": "latest.ckpt"})()
+    return t
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_float16_runs_stop_after_50_overflows_in_a_row_float32_at_the_first(dynamic):
+    from src.engine import MAX_CONSECUTIVE_OVERFLOWS
+    from src.errors import TrainingStopped
+    assert MAX_CONSECUTIVE_OVERFLOWS == 50
+    t = _bare_trainer(True, dynamic)
+    over, good = ms.Tensor([1.0, 0.0, 1024.0]), ms.Tensor([0.0, 0.0, 1024.0])
+    applied = []
+    for _ in range(49):
+        assert t._check(over, 0, 0, applied) == 0
+    assert t._check(good, 0, 0, applied) == 0 and t._overflows == 0  # a good step resets the count
+    for _ in range(49):
+        t._check(over, 0, 0, applied)
+    with pytest.raises(TrainingStopped, match="50 overflowing step"):
+        t._check(over, 0, 0, applied)
+    assert applied == [False] * 49 + [True] + [False] * 50
+    f32 = _bare_trainer(False, False)
+    with pytest.raises(TrainingStopped, match="non-finite loss, gradients or BatchNorm statistics"):
+        f32._check(ms.Tensor([1.0, 0.0, 1.0]), 0, 0, [])
