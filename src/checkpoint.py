@@ -8,7 +8,6 @@ a one-line CheckpointError).
 import glob
 import os
 import re
-import time
 
 import numpy as np
 import mindspore as ms
@@ -17,9 +16,6 @@ from src.errors import CheckpointError, first_line, name_list
 from src.run_log import atomic_write, remove_stale_temporaries, write_json
 
 
-# Test hook: seconds to wait between writing the temporary file and renaming it, so a test can
-# kill the process at that moment.
-DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
 # name prefixes of every classifier kind of src.models (one fc; VGG's classifier.0/3/6 MLP)
 CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 
@@ -32,8 +28,6 @@ def save_atomic(save_obj, path, meta=None):
     def write(tmp):
         # MindSpore appends ".ckpt" to names that lack it: the temporary name keeps the suffix.
         ms.save_checkpoint(save_obj, tmp, append_dict=dict(meta or {}))
-        if os.environ.get(DELAY_ENV):
-            time.sleep(float(os.environ[DELAY_ENV]))
     atomic_write(path, write, needed_bytes=_payload_bytes(save_obj))
 
 

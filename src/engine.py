@@ -36,21 +36,9 @@ from src.schedules import create_lr_schedule
 # A step whose gradients overflow is skipped by the loss scaler; this many in a row means the
 # run has diverged rather than the scale being too high.
 MAX_CONSECUTIVE_OVERFLOWS = 50
-# Test hooks. INJECT_NAN: "G" or "G@R" multiplies the images of global step G by NaN (on rank R
-# only). DUMP_WEIGHTS: every rank saves its final weights as <dir>/rank_<r>.npz. RANK0_DELAY:
-# seconds rank 0 sleeps after its first epoch-end checkpoint, as a slow write of a big one would.
-INJECT_NAN_ENV = "ISQRT_COV_INJECT_NAN_STEP"
-DUMP_WEIGHTS_ENV = "ISQRT_COV_DUMP_WEIGHTS"
-RANK0_DELAY_ENV = "ISQRT_COV_RANK0_DELAY"
 # Signals that stop a run after the current step with a resumable latest.ckpt. SIGUSR1 because
 # mpirun forwards it to every rank and waits, while on SIGTERM it kills the ranks a second later.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-def _nan_step(rank):
-    spec = os.environ.get(INJECT_NAN_ENV, "")
-    step, _, only = spec.partition("@")
-    return int(step) if step and (not only or int(only) == rank) else -1
 
 
 class Trainer:
@@ -157,11 +145,6 @@ class Trainer:
             self.bad_images.stop()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        dump = os.environ.get(DUMP_WEIGHTS_ENV)
-        if dump:
-            os.makedirs(dump, exist_ok=True)
-            np.savez(os.path.join(dump, f"rank_{self.dist.rank}.npz"),
-                     **{p.name: p.asnumpy() for p in self.net.get_parameters()})
         if not code:
             self.log.info(f"done: best val top-1 {100 * max(self.best_top1, 0):.2f}%, checkpoints in {self.ckpt.dir}")
         return code
@@ -205,7 +188,6 @@ class Trainer:
         dataset = self._dataset(True, epoch)
         if first_step:
             dataset = dataset.skip(first_step)
-        inject = _nan_step(self.dist.rank)
         self._tick = (time.time(), first_step)
         epoch_start = time.time()
         losses, applied, pending, stop = [], [], None, 0
@@ -216,8 +198,6 @@ class Trainer:
                 if step >= spe:
                     step -= 1
                     break
-                if epoch * spe + step == inject:
-                    images = images * float("nan")
                 out = self.train_step(images, labels, self._stop_tensor())
                 if pending is not None:  # the previous step's control, read while this one runs
                     stop = self._check(pending, epoch, step - 1, applied)
@@ -306,6 +286,3 @@ class Trainer:
             if self.cfg.save_every_epochs > 0 and (epoch + 1) % self.cfg.save_every_epochs == 0:
                 self.ckpt.save_epoch(self.net, epoch + 1, meta)
         self.metrics.add(row)
-        delay = os.environ.pop(RANK0_DELAY_ENV, None)
-        if delay:
-            time.sleep(float(delay))

@@ -8,6 +8,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1")
+HOOKED_TRAIN = os.path.join("tests", "hooks.py")  # train.py with the test hooks of tests/hooks.py
 
 
 def make_image_folder(root, num_classes=3, train_per_class=12, val_per_class=4, size=32, seed=0):

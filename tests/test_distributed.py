@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from src.distributed import SCHEDULER_CODE
-from tests.helpers import ENV, ROOT, make_image_folder, run_script, tiny_flags
+from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, tiny_flags
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2"]
 
@@ -129,7 +129,7 @@ def reference(lockstep_data, tmp_path_factory):
     """msrun, uninterrupted, rank 0 45 s late after epoch 1: the reference run of the tests below."""
     tmp = tmp_path_factory.mktemp("reference")
     out, dump = str(tmp / "out"), str(tmp / "weights")
-    run_script("train.py", _flags(lockstep_data, out), cwd=tmp, launcher=_launcher("msrun", tmp),
+    run_script(HOOKED_TRAIN, _flags(lockstep_data, out), cwd=tmp, launcher=_launcher("msrun", tmp),
                env={"ISQRT_COV_RANK0_DELAY": "45", "ISQRT_COV_DUMP_WEIGHTS": dump})
     return out, dump
 
@@ -143,7 +143,7 @@ def test_mpirun_slow_rank0_and_a_nan_on_rank1_only(lockstep_data, tmp_path):
     """float16 (O2) with a dynamic loss scale: rank 1's NaN batch is skipped by both ranks, which stay
     identical, and rank 0 is 45 s late after epoch 1."""
     out, dump = str(tmp_path / "out"), str(tmp_path / "weights")
-    run_script("train.py", _flags(lockstep_data, out, amp_level="O2"), cwd=tmp_path, launcher=MPIRUN,
+    run_script(HOOKED_TRAIN, _flags(lockstep_data, out, amp_level="O2"), cwd=tmp_path, launcher=MPIRUN,
                env={"ISQRT_COV_RANK0_DELAY": "45", "ISQRT_COV_DUMP_WEIGHTS": dump, "ISQRT_COV_INJECT_NAN_STEP": "2@1"})
     for log in _check_lockstep(out, dump):
         assert "epoch 1 step 3 (global step 2): overflow, step skipped on every rank (loss scale 1024 -> 512)" in log
@@ -153,7 +153,7 @@ def test_mpirun_slow_rank0_and_a_nan_on_rank1_only(lockstep_data, tmp_path):
 
 
 def test_float32_nan_on_one_rank_stops_every_rank(lockstep_data, tmp_path):
-    proc = run_script("train.py", _flags(lockstep_data, str(tmp_path / "out")), cwd=tmp_path, launcher=MPIRUN,
+    proc = run_script(HOOKED_TRAIN, _flags(lockstep_data, str(tmp_path / "out")), cwd=tmp_path, launcher=MPIRUN,
                       env={"ISQRT_COV_INJECT_NAN_STEP": "2@1"}, check=False)
     assert proc.returncode == 3, proc.stdout[-3000:]
     message = ("error: non-finite loss, gradients or BatchNorm statistics at epoch 1 step 3 (global step 2) "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ENV, ROOT, make_image_folder, run_script, tiny_flags
+from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, tiny_flags
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_bad_images_are_replaced_and_reported_once(tmp_path):
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_path):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + tiny_flags(data, out, epoch_size=3)
+    cmd = [sys.executable, os.path.join(ROOT, HOOKED_TRAIN)] + tiny_flags(data, out, epoch_size=3)
     env = dict(ENV, ISQRT_COV_CHECKPOINT_DELAY="3")
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -90,7 +90,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(data, tmp_pat
 
 def test_nan_stops_the_run_and_keeps_good_checkpoints(data, tmp_path):
     out = str(tmp_path / "out")
-    proc = run_script("train.py", tiny_flags(data, out, epoch_size=3), cwd=tmp_path, check=False,
+    proc = run_script(HOOKED_TRAIN, tiny_flags(data, out, epoch_size=3), cwd=tmp_path, check=False,
                       env={"ISQRT_COV_INJECT_NAN_STEP": "8"})  # epoch 2 (6 steps per epoch), step 3
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = _one_line_error(proc, "non-finite loss", "epoch 2 step 3")

@@ -19,7 +19,7 @@ from src.factory import build_optimizer, build_train_step, resolve_amp_level
 from src.models import create_model
 from src.models.network import ClassificationNet, GlobalAvgPool
 from src.precision import apply_precision, check_float32, find_representation
-from tests.helpers import ENV, ROOT, make_image_folder, run_script, tiny_flags
+from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, tiny_flags
 
 FEATURES = (2, 512, 4, 4)  # ResNet-18's layer4 output, the representation's input
 DIM = 8
@@ -273,7 +273,7 @@ def test_a_collapsed_loss_scale_stops_the_run(tmp_path):
     step, exit 3, and writes no checkpoint of that epoch. The step before the NaN batch trains."""
     data = make_image_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=1)
     out = str(tmp_path / "out")
-    proc = run_script("train.py", tiny_flags(data, out, amp_level="O2", loss_scale=1, epoch_size=1),
+    proc = run_script(HOOKED_TRAIN, tiny_flags(data, out, amp_level="O2", loss_scale=1, epoch_size=1),
                       cwd=tmp_path, env={"ISQRT_COV_INJECT_NAN_STEP": "1"}, check=False)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -289,7 +289,7 @@ def test_fixed_loss_scale_skips_an_overflowing_step_and_goes_on(tmp_path):
     the run goes on to the end (exit 0) with finite weights and the scale unchanged."""
     data = make_image_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=1)
     out = str(tmp_path / "out")
-    proc = run_script("train.py", tiny_flags(data, out, amp_level="O2", dynamic_loss_scale=False, loss_scale=1024),
+    proc = run_script(HOOKED_TRAIN, tiny_flags(data, out, amp_level="O2", dynamic_loss_scale=False, loss_scale=1024),
                       cwd=tmp_path, env={"ISQRT_COV_INJECT_NAN_STEP": "1"})
     log = proc.stdout + proc.stderr
     assert ("epoch 1 step 2 (global step 1): overflow, step skipped on every rank (fixed loss scale 1024), "
