@@ -103,7 +103,8 @@ class TrainStep(nn.Cell):
     flag is all-reduced too (as MindSpore's TrainOneStepWithLossScaleCell does), so every rank skips
     the same steps and the weights stay identical.
 
-    A skipped step leaves no trace: the forward updates BatchNorm's running statistics whatever
+    A skipped step leaves no trace but the step count (the lr schedule is indexed by steps taken,
+    ``optimizer.global_step``, as the log and a resume count them): the forward updates BatchNorm's running statistics whatever
     happens to the gradients (a NaN activation that ReLU hides from the loss still poisons them), so
     they are saved before the step and put back when it is skipped.
 
@@ -137,6 +138,7 @@ class TrainStep(nn.Cell):
             self.agree = ops.AllReduce()  # a sum: MindSpore's CPU AllReduce has no max
             slot = np.eye(get_group_size(), dtype=np.float32)[get_rank()]
         self.slot = ms.Tensor(slot)
+        self.step_one = ms.Tensor([1], ms.int32)
 
     def construct(self, images, labels, stop):
         saved = self.hyper_map(_copy, self.stats)
@@ -158,6 +160,8 @@ class TrainStep(nn.Cell):
             overflow = self.scale_update(self.scale_sense, overflow)
         if overflow:
             loss = ops.depend(loss, self.hyper_map(_restore_stat, self.stats, saved))
+            # The lr schedule counts steps taken, applied or skipped (the optimizer counts applied ones).
+            loss = ops.depend(loss, ops.assign_add(self.optimizer.global_step, self.step_one))
         else:
             loss = ops.depend(loss, self.optimizer(grads))
         control = ops.stack([ops.cast(overflow, ms.float32), flags[1:].max(), scale])
