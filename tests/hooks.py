@@ -4,7 +4,8 @@ variable and patches the project from outside before train.main runs.
 
 - ISQRT_COV_INJECT_NAN_STEP="G" or "G@R": the training images of global step G are multiplied by NaN
   (on rank R only), as a corrupt batch or a float16 overflow would make them.
-- ISQRT_COV_DUMP_WEIGHTS=DIR: every rank saves its final parameters as DIR/rank_<r>.npz.
+- ISQRT_COV_DUMP_WEIGHTS=DIR: every rank saves its initial and final parameters as
+  DIR/rank_<r>_initial.npz and DIR/rank_<r>.npz.
 - ISQRT_COV_RANK0_DELAY=S: rank 0 sleeps S seconds after its first epoch-end checkpoint, as a slow
   write of a big one would.
 - ISQRT_COV_CHECKPOINT_DELAY=S: every checkpoint write waits S seconds between writing the temporary
@@ -60,14 +61,21 @@ def install():
         trainer._dataset = _dataset
 
     if os.environ.get(DUMP_WEIGHTS_ENV):
-        fit = trainer.fit
+        fit, build = trainer.fit, trainer._build
+
+        def _dump(self, name):
+            folder = os.environ[DUMP_WEIGHTS_ENV]
+            os.makedirs(folder, exist_ok=True)
+            np.savez(os.path.join(folder, name), **{p.name: p.asnumpy() for p in self.net.get_parameters()})
+
+        def _build(self):
+            build(self)
+            _dump(self, f"rank_{self.dist.rank}_initial.npz")
+        trainer._build = _build
 
         def _fit(self):
             code = fit(self)
-            folder = os.environ[DUMP_WEIGHTS_ENV]
-            os.makedirs(folder, exist_ok=True)
-            np.savez(os.path.join(folder, f"rank_{self.dist.rank}.npz"),
-                     **{p.name: p.asnumpy() for p in self.net.get_parameters()})
+            _dump(self, f"rank_{self.dist.rank}.npz")
             return code
         trainer.fit = _fit
 

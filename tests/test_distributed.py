@@ -116,6 +116,10 @@ def _check_lockstep(out, dump):
     r0, r1 = _trained(os.path.join(dump, "rank_0.npz")), _trained(os.path.join(dump, "rank_1.npz"))
     _assert_same(r0, r1, 0, 0)
     assert all(np.isfinite(v).all() for v in r0.values())
+    initial = _trained(os.path.join(dump, "rank_0_initial.npz"))
+    assert sorted(initial) == sorted(r0)
+    unmoved = [k for k in r0 if np.array_equal(r0[k], initial[k])]
+    assert not unmoved, unmoved  # every weight trained, not only agreed
     return logs
 
 

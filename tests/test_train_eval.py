@@ -107,7 +107,10 @@ def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):
     mindir = os.path.join(out, "resnet18_isqrt_cov.mindir")
     assert os.path.isfile(mindir)
     onnx = run_script("export.py", tiny_flags(data, out, file_format="ONNX"), cwd=tmp_path, check=False)
-    assert onnx.returncode == 0 or onnx.stderr.startswith("error: MindSpore could not export this network as ONNX")
+    # MindSpore 2.8's ONNX exporter has no converter for the backbone's max pooling: one line, exit 2 (ConfigError).
+    assert onnx.returncode == 2 and onnx.stderr.strip().splitlines()[-1] == (
+        "error: MindSpore could not export this network as ONNX (Can not find key MaxPool3DWithArgmax in convert "
+        "map. Exporting MaxPool3DWithArgmax operator is not yet supported.); MINDIR is supported")
 
     from src.checkpoint import load_network
     from src.models import create_model
