@@ -15,6 +15,7 @@ import mindspore as ms
 
 from src.errors import CheckpointError, first_line, name_list
 from src.run_log import atomic_write, remove_stale_temporaries, write_json
+from src.models.ms_layouts import rename_ms_params
 
 
 # Test hook: seconds to wait between writing the temporary file and renaming it, so a test can
@@ -128,6 +129,8 @@ def load_network(net, path, *, pre_trained=False):
 
     Returns (metadata, {name: why} of the parameters left at initialisation)."""
     params, meta = read_checkpoint(path)
+    if pre_trained:  # mindcv / model zoo ResNet names -> ours (src/models/ms_layouts.py)
+        meta["layout"], params = rename_ms_params(params)
     chosen, left = match_network(net, params, path, pre_trained)
     ms.load_param_into_net(net, chosen, strict_load=True)
     return meta, left
@@ -136,9 +139,10 @@ def load_network(net, path, *, pre_trained=False):
 def load_pretrained(net, path):
     """--pre_trained: initialise ``net`` from ``path`` (the backbone completely, the head where it
     fits, e.g. a torchvision backbone converted for iSQRT-COV). Returns the line to log."""
-    _, left = load_network(net, path, pre_trained=True)
+    meta, left = load_network(net, path, pre_trained=True)
     loaded = sum(1 for p in net.get_parameters() if p.name not in left)
-    line = f"initialised from {path}: {loaded} parameters loaded"
+    layout = f" ({meta['layout']} names)" if meta.get("layout") else ""
+    line = f"initialised from {path}{layout}: {loaded} parameters loaded"
     if not left:
         return line
     by_reason = {}
