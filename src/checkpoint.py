@@ -14,6 +14,7 @@ import mindspore as ms
 
 from src.errors import CheckpointError, first_line, name_list
 from src.run_log import atomic_write, remove_stale_temporaries, write_json
+from src.models.ms_layouts import rename_ms_params
 
 
 # name prefixes of every classifier kind of src.models (one fc; VGG's classifier.0/3/6 MLP)
@@ -122,6 +123,8 @@ def load_network(net, path, *, pre_trained=False):
 
     Returns (metadata, {name: why} of the parameters left at initialisation)."""
     params, meta = read_checkpoint(path)
+    if pre_trained:  # mindcv / model zoo ResNet names -> ours (src/models/ms_layouts.py)
+        meta["layout"], params = rename_ms_params(params)
     chosen, left = match_network(net, params, path, pre_trained)
     ms.load_param_into_net(net, chosen, strict_load=True)
     return meta, left
@@ -130,9 +133,10 @@ def load_network(net, path, *, pre_trained=False):
 def load_pretrained(net, path):
     """--pre_trained: initialise ``net`` from ``path`` (the backbone completely, the head where it
     fits, e.g. a torchvision backbone converted for iSQRT-COV). Returns the line to log."""
-    _, left = load_network(net, path, pre_trained=True)
+    meta, left = load_network(net, path, pre_trained=True)
     loaded = sum(1 for p in net.get_parameters() if p.name not in left)
-    line = f"initialised from {path}: {loaded} parameters loaded"
+    layout = f" ({meta['layout']} names)" if meta.get("layout") else ""
+    line = f"initialised from {path}{layout}: {loaded} parameters loaded"
     if not left:
         return line
     by_reason = {}
