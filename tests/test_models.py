@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import nn
 
+from src.config import load_config
+from src.factory import build_optimizer, build_train_step
 from src.models import ARCHS, HEADS, count_flops, count_params, create_model
 from src.isqrt_cov import num_products
 from src.models.resnet import batch_norm
@@ -143,17 +144,24 @@ def test_batch_norm_momentum_as_pytorch():
     np.testing.assert_allclose(bn.moving_variance.asnumpy(), 0.9 + 0.1 * var, rtol=1e-4)
 
 
+def _project_step(net, num_classes, lr):
+    """The project's training step and optimizer (float32, label smoothing off, plain SGD)."""
+    cfg = load_config([f"--num_classes={num_classes}", "--amp_level=O0", "--momentum=0", "--weight_decay=0",
+                       "--label_smoothing=0"])
+    return build_train_step(cfg, net, build_optimizer(cfg, net, np.full(8, lr, np.float32)))
+
+
 def _train_step(step, x, y):
-    return step(x, y)
+    loss, control = step(x, y, ms.Tensor(0.0, ms.float32))
+    assert control.asnumpy()[0] == 0  # applied, not skipped
+    return loss
 
 
 def test_graph_mode_train_step():
-    """The training mode: one compiled SGD step of the iSQRT-COV ResNet-18 lowers the loss."""
+    """The training mode: the project's compiled step of the iSQRT-COV ResNet-18 lowers the loss."""
     ms.set_context(mode=ms.GRAPH_MODE)
     net = create_model("resnet18", "isqrt_cov", 4, iter_num=3)
-    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn), nn.SGD(net.trainable_params(), 0.05))
-    step.set_train()
+    step = _project_step(net, 4, 0.05)
     x, y = _input(4, 64, seed=1), ms.Tensor(np.array([0, 1, 2, 3], np.int32))
     first = float(_train_step(step, x, y).asnumpy())
     for _ in range(3):
@@ -203,9 +211,7 @@ def test_graph_mode_train_step_vgg_mlp():
     """GRAPH mode with the MLP classifier (dropout active in training): finite loss, weights move."""
     ms.set_context(mode=ms.GRAPH_MODE)
     net = create_model("vgg16_bn", "gap", 3, classifier="mlp")
-    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    step = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn), nn.SGD(net.trainable_params(), 0.01))
-    step.set_train()
+    step = _project_step(net, 3, 0.01)
     before = net.classifier.classifier[0].weight.asnumpy().copy()
     loss = float(_train_step(step, _input(2, 32, seed=2), ms.Tensor(np.array([0, 2], np.int32))).asnumpy())
     assert np.isfinite(loss) and not np.array_equal(net.classifier.classifier[0].weight.asnumpy(), before)
