@@ -28,6 +28,7 @@ from src.data.demo import maybe_prepare_demo
 from src.distributed import init_distributed
 from src.errors import CheckpointError, DataError, TrainingStopped
 from src.evaluate import EvalNet, evaluate
+from src.freezing import freeze_layers
 from src.factory import build_network, build_optimizer, build_train_step
 from src.ranks import Ranks
 from src.run_log import MetricsWriter, format_eta, setup_logger
@@ -86,6 +87,8 @@ class Trainer:
         self.net = build_network(cfg)
         if cfg.pre_trained:
             self.log.info(load_pretrained(self.net, cfg.pre_trained))
+        if cfg.freeze_layers:  # before the optimizer: frozen parameters are not among its weights
+            self.log.info(freeze_layers(self.net, cfg.freeze_layers))
         size = self._dataset(True).get_dataset_size()
         if size == 0:
             raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "

@@ -1,0 +1,42 @@
+"""freeze_layers (issue 19 item 4): the first N backbone stages keep their weights in training."""
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from src.errors import ConfigError
+from src.freezing import backbone_stages, freeze_layers
+from src.models import create_model
+from tests.helpers import make_image_folder, run_script, tiny_flags
+
+
+def test_stages_are_the_published_ones():
+    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16)
+    firsts = [stage[0].name for stage in backbone_stages(net)]
+    assert firsts == ["conv1.weight"] + [f"layer{i}.0.conv1.weight" for i in range(1, 5)]
+    vgg = create_model("vgg16_bn", "isqrt_cov", 3, dimension_reduction=16)
+    # torchvision vgg16_bn indices: blocks of 2, 2, 3, 3, 3 conv+BN+ReLU, each ended by a max pool
+    assert [stage[0].name for stage in backbone_stages(vgg)] == [f"features.{i}.weight" for i in (0, 7, 14, 24, 34)]
+    with pytest.raises(ConfigError, match="has 5 backbone stages"):
+        freeze_layers(net, 6)
+
+
+def test_frozen_stages_keep_their_weights_in_train_py(tmp_path):
+    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16)
+    start = str(tmp_path / "start.ckpt")
+    ms.save_checkpoint(net, start)
+    before = {p.name: p.asnumpy() for p in net.get_parameters()}
+    data = make_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "out")
+    proc = run_script("train.py", tiny_flags(data, out, pre_trained=start, freeze_layers=2, epoch_size=1,
+                                             max_steps_per_epoch=2), cwd=tmp_path)
+    assert "freeze_layers=2: 25 parameters of the first 2 backbone stages not trained" in proc.stdout
+    after = ms.load_checkpoint(os.path.join(out, "ckpt", "epoch_001.ckpt"))
+    trained = [n for n in before if "moving_" not in n]
+    frozen = [n for n in trained if n.startswith(("conv1.", "bn1.", "layer1."))]
+    assert len(frozen) == 15  # 5 convolutions, 5 BNs' gamma and beta
+    for name in frozen:
+        np.testing.assert_array_equal(after[name].asnumpy(), before[name], err_msg=name)
+    for name in ("layer2.0.conv1.weight", "layer4.1.conv2.weight", "layer_reduce.weight", "fc.weight"):
+        assert not np.allclose(after[name].asnumpy(), before[name]), name
