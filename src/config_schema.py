@@ -106,6 +106,8 @@ SCHEMA = [
     _K("max_steps_per_epoch", 0, "int", "stop each epoch after N steps (0 = all; for smoke runs)"),
     _K("freeze_layers", 0, "int",
        "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks); fast-MPN-COV's freezed_layer"),
+    _K("freeze_backbone_epochs", 0, "int",
+       "two-stage finetuning: train only the head (representation + classifier) for the first N epochs, then all"),
 ]
 SCHEMA_BY_NAME = {k.name: k for k in SCHEMA}
 
@@ -120,4 +122,4 @@ _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimen
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
         "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1, "log_interval": 1,
         "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
-        "top_k": 1, "freeze_layers": 0}
+        "top_k": 1, "freeze_layers": 0, "freeze_backbone_epochs": 0}

@@ -28,7 +28,7 @@ from src.data.demo import maybe_prepare_demo
 from src.distributed import init_distributed
 from src.errors import CheckpointError, DataError, TrainingStopped
 from src.evaluate import EvalNet, evaluate
-from src.freezing import freeze_layers
+from src.freezing import freeze_layers, start_epoch_stage
 from src.factory import build_network, build_optimizer, build_train_step
 from src.ranks import Ranks
 from src.run_log import MetricsWriter, format_eta, setup_logger
@@ -188,6 +188,9 @@ class Trainer:
 
     def _train_epoch(self, epoch, first_step):
         cfg, spe = self.cfg, self.steps_per_epoch
+        stage = start_epoch_stage(cfg, self.net, self.optimizer, epoch, first_step)  # freeze_backbone_epochs
+        if stage:
+            self.log.info(stage)
         dataset = self._dataset(True, epoch)
         if first_step:
             dataset = dataset.skip(first_step)

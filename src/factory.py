@@ -4,6 +4,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from src.checkpoint import head_parameter_names
+from src.freezing import backbone_lr
 from src.models import HEADS, create_model
 from src.precision import apply_precision, resolve_amp_level
 
@@ -38,16 +40,19 @@ def param_groups(cfg, net, lr_per_step):
     """Momentum groups: the classifier at classifier_lr_factor x lr (finetuning), and optionally
     no weight decay on BatchNorm and biases. Every group carries its own per-step lr array."""
     prefix = getattr(net, "classifier_prefix", "fc.")
+    head = head_parameter_names(net)
     groups = {}
     for p in net.trainable_params():
         is_cls = p.name.startswith(prefix)
         no_decay = cfg.no_decay_bn_bias and (p.name.endswith((".gamma", ".beta", ".bias")))
-        groups.setdefault((is_cls, no_decay), []).append(p)
+        staged = cfg.freeze_backbone_epochs > 0 and p.name not in head  # backbone waits (src/freezing.py)
+        groups.setdefault((is_cls, no_decay, staged), []).append(p)
     out = []
-    for (is_cls, no_decay), params in sorted(groups.items()):
+    for (is_cls, no_decay, staged), params in sorted(groups.items()):
         factor = cfg.classifier_lr_factor if is_cls else 1.0
+        lr = backbone_lr(cfg, lr_per_step) if staged else lr_per_step
         out.append({"params": params, "weight_decay": 0.0 if no_decay else float(cfg.weight_decay),
-                    "lr": ms.Tensor(lr_per_step * factor, ms.float32)})
+                    "lr": ms.Tensor(lr * factor, ms.float32)})
     return out
 
 

@@ -1,4 +1,5 @@
-"""freeze_layers: the first N backbone stages are not trained (fast-MPN-COV's ``--freezed-layer``).
+"""freeze_layers: the first N backbone stages are not trained (fast-MPN-COV's ``--freezed-layer``);
+freeze_backbone_epochs: only the head (representation + classifier) is trained for the first N epochs.
 
 Stages, in order: for ResNets the stem (conv1, bn1) then layer1..layer4 (5 stages); for VGG the
 conv blocks ending at each max pool (5 stages for VGG-16, the last without its pool). A frozen
@@ -8,7 +9,9 @@ As in fast-MPN-COV, which only sets ``requires_grad = False``, frozen BatchNorm 
 training mode: their moving mean/variance still follow the batches (they are statistics, not
 trained parameters).
 """
-from mindspore import nn
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
 
 from src.errors import ConfigError
 
@@ -41,3 +44,39 @@ def freeze_layers(net, count):
     for p in frozen:
         p.requires_grad = False
     return f"freeze_layers={count}: {len(frozen)} parameters of the first {count} backbone stages not trained"
+
+
+# ----------------------------------------------------------------- freeze_backbone_epochs
+# The two-stage recipe (fast-MPN-COV's two_stage_finetune.sh: first only the head, then everything)
+# in one run with one optimizer, so that latest.ckpt has the same training state in either stage
+# and --resume_ckpt works across the change: during the first N epochs the backbone's parameter
+# groups have a zero learning rate (Momentum's update lr * moment leaves them exactly unchanged),
+# and at the start of epoch N their momentum buffers are zeroed, as the authors' second run starts
+# a fresh optimizer (otherwise N epochs of gradients accumulated at lr 0 would land in one step).
+# The backbone's gradients are still computed in the first stage (the authors' frozen layers need
+# none): the head-only stage costs as much per step as the second.
+
+def backbone_lr(cfg, lr_per_step):
+    """The backbone groups' per-step lr: ``lr_per_step`` (numpy, one value per step of the run)
+    with the steps of the first cfg.freeze_backbone_epochs epochs at 0."""
+    epochs = cfg.freeze_backbone_epochs
+    steps = len(lr_per_step) * min(epochs, cfg.epoch_size) // cfg.epoch_size
+    out = lr_per_step.copy()
+    out[:steps] = 0
+    return out
+
+
+def start_epoch_stage(cfg, net, optimizer, epoch, first_step):
+    """At the first step of epoch cfg.freeze_backbone_epochs, zero the backbone's momentum buffers.
+    Returns the line to log ('' when nothing changes)."""
+    if cfg.freeze_backbone_epochs <= 0 or epoch != cfg.freeze_backbone_epochs or first_step:
+        return ""
+    head = {p.name for cell in (net.representation, net.classifier) for p in cell.get_parameters()}
+    count = 0
+    for param, moment in zip(optimizer.parameters, optimizer.moments):
+        if param.name not in head:
+            # in place: set_data would swap the tensor and leave the compiled step on the old buffer
+            ops.assign(moment, ms.Tensor(np.zeros(moment.shape), moment.dtype))
+            count += 1
+    return (f"freeze_backbone_epochs={cfg.freeze_backbone_epochs}: epoch {epoch + 1} trains the backbone too "
+            f"({count} parameters, their momentum started afresh)")
