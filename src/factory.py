@@ -40,12 +40,13 @@ def param_groups(cfg, net, lr_per_step):
     """Momentum groups: the classifier at classifier_lr_factor x lr (finetuning), and optionally
     no weight decay on BatchNorm and biases. Every group carries its own per-step lr array."""
     prefix = getattr(net, "classifier_prefix", "fc.")
-    head = head_parameter_names(net)
+    # Only a staged run asks for the head: any Cell with trainable_params can be optimised otherwise.
+    head = head_parameter_names(net) if cfg.freeze_backbone_epochs > 0 else set()
     groups = {}
     for p in net.trainable_params():
         is_cls = p.name.startswith(prefix)
         no_decay = cfg.no_decay_bn_bias and (p.name.endswith((".gamma", ".beta", ".bias")))
-        staged = cfg.freeze_backbone_epochs > 0 and p.name not in head  # backbone waits (src/freezing.py)
+        staged = bool(head) and p.name not in head  # backbone waits (src/freezing.py)
         groups.setdefault((is_cls, no_decay, staged), []).append(p)
     out = []
     for (is_cls, no_decay, staged), params in sorted(groups.items()):

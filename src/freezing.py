@@ -13,6 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from src.checkpoint import head_parameter_names
 from src.errors import ConfigError
 
 
@@ -71,7 +72,7 @@ def start_epoch_stage(cfg, net, optimizer, epoch, first_step):
     Returns the line to log ('' when nothing changes)."""
     if cfg.freeze_backbone_epochs <= 0 or epoch != cfg.freeze_backbone_epochs or first_step:
         return ""
-    head = {p.name for cell in (net.representation, net.classifier) for p in cell.get_parameters()}
+    head = head_parameter_names(net)
     count = 0
     for param, moment in zip(optimizer.parameters, optimizer.moments):
         if param.name not in head:
