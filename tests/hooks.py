@@ -3,7 +3,8 @@ under mpirun/msrun) instead of ``python train.py ARGS``; each hook is switched o
 variable and patches the project from outside before train.main runs.
 
 - ISQRT_COV_INJECT_NAN_STEP="G" or "G@R": the training images of global step G are multiplied by NaN
-  (on rank R only), as a corrupt batch or a float16 overflow would make them.
+  (on rank R only), as a corrupt batch or a float16 overflow would make them. With gradient
+  accumulation G counts micro-batches (update G // grad_accumulation_steps).
 - ISQRT_COV_DUMP_WEIGHTS=DIR: every rank saves its initial and final parameters as
   DIR/rank_<r>_initial.npz and DIR/rank_<r>.npz.
 - ISQRT_COV_RANK0_DELAY=S: rank 0 sleeps S seconds after its first epoch-end checkpoint, as a slow
@@ -23,7 +24,7 @@ CHECKPOINT_DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
 
 
 class _NaNDataset:
-    """A training dataset whose batch of global step ``target`` is multiplied by NaN."""
+    """A training dataset whose batch number ``target`` of the run is multiplied by NaN."""
 
     def __init__(self, dataset, trainer, epoch, target, offset=0):
         self.dataset, self.trainer, self.epoch, self.target, self.offset = dataset, trainer, epoch, target, offset
@@ -35,7 +36,7 @@ class _NaNDataset:
         return _NaNDataset(self.dataset.skip(count), self.trainer, self.epoch, self.target, self.offset + count)
 
     def create_tuple_iterator(self, *args, **kwargs):
-        first = self.epoch * self.trainer.steps_per_epoch + self.offset
+        first = self.epoch * self.trainer.steps_per_epoch * self.trainer.accumulation + self.offset
         for i, (images, labels) in enumerate(self.dataset.create_tuple_iterator(*args, **kwargs)):
             yield (images * float("nan") if first + i == self.target else images), labels
 
