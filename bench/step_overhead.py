@@ -47,7 +47,7 @@ for p in (ROOT, HERE):
 import mindspore as ms  # noqa: E402
 from mindspore import nn, Tensor  # noqa: E402
 
-from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
+from timing import SETTLE_S, cpu_name, first_calls, time_round_robin  # noqa: E402
 
 VARIANTS = ("plain_o0", "plain_o2", "mindspore_ls_o2", "step_o0", "step_o0_dynamic", "step_o2_fixed",
             "step_o2_dynamic")
@@ -206,7 +206,7 @@ def main(argv=None):
     result = {"config": {"arch": args.arch, "head": "isqrt_cov", "batch": args.batch, "image_size": args.image_size,
                          "num_classes": args.num_classes, "repeats": args.repeats, "warmup": args.warmup,
                          "baseline": args.baseline, "mindspore": ms.__version__, "python": platform.python_version(),
-                         "machine": _machine(), "cpu_count": os.cpu_count()}}
+                         "machine": cpu_name(), "cpu_count": os.cpu_count()}}
     if not args.no_count:
         result["kernels"] = kernel_counts(names, args, child_argv)
     if not args.no_time:
@@ -218,7 +218,8 @@ def main(argv=None):
                 runners[name] = runner(*build_variant(name, args), images, labels)
                 runners[name]()  # compiles; a variant that cannot run here fails now
             except (RuntimeError, TypeError, ValueError) as exc:
-                errors[name] = str(exc).strip().splitlines()[0][:300]
+                errors[name] = next((ln.strip() for ln in str(exc).splitlines()
+                                     if ln.strip() and not ln.startswith("-")), type(exc).__name__)[:300]
                 runners.pop(name, None)
                 print(f"  {name}: {errors[name]}", flush=True)
         first_calls(runners)
@@ -252,17 +253,6 @@ def _print(result):
         print(f"{name:<24} {t['median']:8.1f} ms (min {t['min']:.1f})")
     for k, v in result.get("ratios", {}).items():
         print(f"{k:<48} {v:.3f}")
-
-
-def _machine():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

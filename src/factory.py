@@ -5,6 +5,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from src.checkpoint import head_parameter_names
+from src.distributed import split_gradient_fusion
 from src.freezing import backbone_lr
 from src.models import HEADS, create_model
 from src.precision import apply_precision, resolve_amp_level
@@ -73,6 +74,7 @@ def build_train_step(cfg, net, optimizer):
     one update (src/train_step.py).
     """
     level = resolve_amp_level(cfg)
+    split_gradient_fusion(net)  # data parallel: the all-reduce overlaps the backward (src/distributed.py)
     net_with_loss = NetWithLoss(apply_precision(net, level), cfg.label_smoothing)
     k = int(cfg.grad_accumulation_steps)
     if level == "O0":
