@@ -121,7 +121,7 @@ _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "boo
 _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimension_reduction": 0, "proj_dim": 2,
         "image_size": 1, "batch_size": 1, "lr_base_batch": 1, "num_parallel_workers": 1, "prefetch_size": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
-        "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0, "classifier_weight_decay": 0.0,
-        "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1, "log_interval": 1,
-        "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
+        "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
+        "classifier_weight_decay": 0.0, "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1,
+        "log_interval": 1, "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
         "top_k": 1, "freeze_layers": 0, "freeze_backbone_epochs": 0}

@@ -55,7 +55,8 @@ def test_bcnn_cub_config_trains_the_classifier_then_everything(tmp_path):
         np.testing.assert_array_equal(first[name].asnumpy(), before[name], err_msg=name)
     assert not np.allclose(first["fc.weight"].asnumpy(), before["fc.weight"])
     # a convolution's bias before a BatchNorm in training mode has a zero gradient (the mean is subtracted)
-    trained = [n for n in backbone if not (n.endswith(".bias") and f"features.{int(n.split('.')[1]) + 1}.gamma" in before)]
+    trained = [n for n in backbone
+               if not (n.endswith(".bias") and f"features.{int(n.split('.')[1]) + 1}.gamma" in before)]
     assert len(trained) == 39
     moved = [n for n in trained if not np.array_equal(second[n].asnumpy(), before[n])]
     assert moved == trained, sorted(set(trained) - set(moved))

@@ -115,8 +115,8 @@ def prepare(dataset, src, dst, link="auto", crop_banner=False, log=print):
                         "choose another --dst")
     strays = _strays(dst, plan, splits)
     if strays:
-        raise DataError(f"{dst} holds {len(strays)} file(s) that the {plan.title} lists do not name (e.g. {strays[0]}): "
-                        "choose an empty --dst")
+        raise DataError(f"{dst} holds {len(strays)} file(s) that the {plan.title} lists do not name "
+                        f"(e.g. {strays[0]}): choose an empty --dst")
     writer, written, kept = _Writer(link), 0, 0
     for item in plan.items:
         folder = os.path.join(dst, item.split, item.cls)
