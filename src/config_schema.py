@@ -107,7 +107,8 @@ SCHEMA = [
     _K("mindir", "", "str", "predict.py: classify with this exported MINDIR file instead of a checkpoint"),
     _K("max_steps_per_epoch", 0, "int", "stop each epoch after N steps (0 = all; for smoke runs)"),
     _K("freeze_layers", 0, "int",
-       "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks); fast-MPN-COV's freezed_layer"),
+       "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks). fast-MPN-COV's "
+       "--freezed-layer counts modules instead: its 5 on a ResNet (conv1, bn1, relu, maxpool, layer1) is 2 here"),
     _K("freeze_backbone_epochs", 0, "int",
        "two-stage finetuning: train only the head (representation + classifier) for the first N epochs, then all"),
 ]

@@ -1,6 +1,7 @@
 """The B-CNN VGG-16 CUB config runs fast-MPN-COV's two-stage recipe (issue 19 item 4), and
 classifier_weight_decay reaches the optimizer."""
 import os
+import shlex
 
 import mindspore as ms
 import numpy as np
@@ -32,23 +33,34 @@ def test_bcnn_cub_config_is_the_authors_two_stage_recipe():
     assert {g["weight_decay"] for g in param_groups(plain, net, lr)} == {5e-4}
 
 
-def test_bcnn_cub_config_trains_the_classifier_then_everything(tmp_path):
-    """The config itself through train.py, scaled down: stage 1 (1 epoch) leaves every backbone weight
-    as pre-trained and moves the classifier; stage 2 moves the backbone."""
+def _config_commands(path):
+    """The train.py command lines written in a config's header comment."""
+    with open(path) as f:
+        return [line.lstrip("# ").strip() for line in f if line.startswith("#   python train.py")]
+
+
+def test_bcnn_cub_config_two_commands_train_the_classifier_then_everything(tmp_path):
+    """The config's two commands (stage 1 at the authors' batch 40, then a resume at batch 10), scaled
+    down (1 + 1 epochs, batches 4 then 2): stage 1 leaves every backbone weight as pre-trained and moves
+    the classifier; the resumed stage 2 moves the backbone."""
     net = create_model("vgg16_bn", "bcnn", 3)
     start = str(tmp_path / "vgg16_bn.ckpt")
     ms.save_checkpoint(net, start)
     before = {p.name: p.asnumpy() for p in net.trainable_params()}
     data = make_image_folder(str(tmp_path / "data"))
-    out = tmp_path / "out"
-    tiny = dict(data_path=data, output_path=out, pre_trained=start, num_classes=3, image_size=32, train_resize=32,
-                eval_resize=32, device_target="CPU", num_parallel_workers=1, max_steps_per_epoch=1, batch_size=4,
-                lr_base_batch=4, epoch_size=2, freeze_backbone_epochs=1, log_interval=1)
-    proc = run_script("train.py", [f"--config_path={BCNN_CUB}"] + [f"--{k}={v}" for k, v in tiny.items()],
-                      cwd=tmp_path)
+    stage1, stage2 = _config_commands(BCNN_CUB)
+    assert "--batch_size=40 --lr_base_batch=40 --epoch_size=100" in stage1 and "--resume_ckpt=" in stage2
+    tiny = dict(pre_trained=start, num_classes=3, image_size=32, train_resize=32, eval_resize=32, device_target="CPU",
+                num_parallel_workers=1, max_steps_per_epoch=1, freeze_backbone_epochs=1, log_interval=1)
+    for command, sizes in ((stage1, dict(batch_size=4, lr_base_batch=4, epoch_size=1)),
+                           (stage2, dict(batch_size=2, lr_base_batch=2, epoch_size=2))):
+        argv = shlex.split(command.replace("config/", os.path.join(ROOT, "config") + "/").replace("=CUB", f"={data}"))
+        assert argv[:2] == ["python", "train.py"]
+        proc = run_script("train.py", argv[2:] + [f"--{k}={v}" for k, v in dict(tiny, **sizes).items()], cwd=tmp_path)
     assert "freeze_backbone_epochs=1: epoch 2 trains the backbone too (52 parameters" in proc.stdout
-    first = ms.load_checkpoint(str(out / "ckpt" / "epoch_001.ckpt"))
-    second = ms.load_checkpoint(str(out / "ckpt" / "epoch_002.ckpt"))
+    assert f"resumed from {tmp_path}/output/ckpt/latest.ckpt at epoch 2 step 0" in proc.stdout
+    first = ms.load_checkpoint(str(tmp_path / "output" / "ckpt" / "epoch_001.ckpt"))
+    second = ms.load_checkpoint(str(tmp_path / "output" / "ckpt" / "epoch_002.ckpt"))
     backbone = [n for n in before if n.startswith("features.")]
     assert len(backbone) == 52  # 13 convolutions' weight and bias, 13 BatchNorms' gamma and beta
     for name in backbone:
