@@ -9,6 +9,7 @@
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 fail() { echo "error: $*; usage: $USAGE" >&2; exit 2; }
+nargs() { [ "$3" -ge "$1" ] && [ "$3" -le "$2" ] || fail "$3 argument(s)"; }  # MIN MAX $#
 is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 is_bool() { [[ "$1" =~ ^(True|False|true|false)$ ]]; }
 need_file() { [ -f "$2" ] || fail "$1 '$2' is not a file"; }
@@ -41,3 +42,6 @@ run_eval_flags() {
     EXTRA+=(--eval_interval=1000000)
   fi
 }
+
+# sourced with the script's arguments: -h / --help prints the usage
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then echo "usage: $USAGE"; exit 0; fi

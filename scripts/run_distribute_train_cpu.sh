@@ -3,8 +3,7 @@
 #   bash run_distribute_train_cpu.sh DATA_PATH CONFIG_PATH WORKER_NUM [extra train.py flags]
 USAGE="bash $(basename "$0") DATA_PATH CONFIG_PATH WORKER_NUM [extra train.py flags]"
 . "$(dirname "$0")/launch_args.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then echo "usage: $USAGE"; exit 0; fi
-[ $# -ge 3 ] || fail "$# argument(s)"
+nargs 3 999 $#
 data_root DATA_PATH "$1" train
 need_file CONFIG_PATH "$2"
 is_count "$3" || fail "WORKER_NUM '$3' is not a positive integer"

@@ -8,8 +8,7 @@
 # on $DEVICE_NUM GPUs, 8 by default as the model zoo's script.
 USAGE="bash $(basename "$0") DATA_PATH CONFIG_PATH DEVICE_NUM [RESUME_CKPT], or the model zoo's DATASET_PATH CONFIG_PATH [RESUME_CKPT] | DATASET_PATH CONFIG_PATH RUN_EVAL EVAL_DATASET_PATH [RESUME_CKPT]"
 . "$(dirname "$0")/launch_args.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then echo "usage: $USAGE"; exit 0; fi
-[ $# -ge 2 ] && [ $# -le 5 ] || fail "$# argument(s)"
+nargs 2 5 $#
 need_file CONFIG_PATH "$2"
 data_root DATA_PATH "$1" train
 CONFIG_PATH=$2; RESUME_CKPT=""; EXTRA=()

@@ -5,8 +5,7 @@
 #   bash run_eval_gpu.sh DATA_PATH CHECKPOINT_PATH [CONFIG_PATH]
 USAGE="bash $(basename "$0") DATA_PATH CHECKPOINT_PATH [CONFIG_PATH]"
 . "$(dirname "$0")/launch_args.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then echo "usage: $USAGE"; exit 0; fi
-[ $# -ge 2 ] && [ $# -le 3 ] || fail "$# argument(s)"
+nargs 2 3 $#
 data_root DATA_PATH "$1" val
 need_file CHECKPOINT_PATH "$2"
 [ $# -lt 3 ] || need_file CONFIG_PATH "$3"

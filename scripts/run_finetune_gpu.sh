@@ -5,8 +5,7 @@
 #   bash run_finetune_gpu.sh DATA_PATH CONFIG_PATH PRETRAINED_CKPT [DEVICE_NUM]
 USAGE="bash $(basename "$0") DATA_PATH CONFIG_PATH PRETRAINED_CKPT [DEVICE_NUM]"
 . "$(dirname "$0")/launch_args.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then echo "usage: $USAGE"; exit 0; fi
-[ $# -ge 3 ] && [ $# -le 4 ] || fail "$# argument(s)"
+nargs 3 4 $#
 data_root DATA_PATH "$1" train
 need_file CONFIG_PATH "$2"
 need_file PRETRAINED_CKPT "$3"

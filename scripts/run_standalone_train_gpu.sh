@@ -4,8 +4,7 @@
 #   bash run_standalone_train_gpu.sh DATA_PATH CONFIG_PATH RUN_EVAL EVAL_DATASET_PATH [RESUME_CKPT]
 USAGE="bash $(basename "$0") DATA_PATH CONFIG_PATH [RESUME_CKPT] | DATA_PATH CONFIG_PATH RUN_EVAL EVAL_DATASET_PATH [RESUME_CKPT]"
 . "$(dirname "$0")/launch_args.sh"
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then echo "usage: $USAGE"; exit 0; fi
-[ $# -ge 2 ] && [ $# -le 5 ] || fail "$# argument(s)"
+nargs 2 5 $#
 need_file CONFIG_PATH "$2"
 data_root DATA_PATH "$1" train
 CONFIG_PATH=$2; RESUME_CKPT=""; EXTRA=()

@@ -12,7 +12,8 @@ from src.run_log import write_json
 FILE = "environment.json"
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -47,7 +48,7 @@ def describe_environment(cfg, device_count):
     return {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "resumed_from": cfg.resume_ckpt or None, "device_target": cfg.device_target,
             "device_count": int(device_count), "gpus": _gpus() if cfg.device_target == "GPU" else [],
-            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "memory_gb": _memory_gb(),
             "os": platform.platform(), "python": platform.python_version(), "mindspore": mindspore.__version__,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
