@@ -61,3 +61,24 @@ def test_a_folder_that_is_not_a_run_stops_with_one_line(tmp_path):
     proc = run_script("scripts/model_description.py", [str(tmp_path)], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: {tmp_path} is not a finished training run: {tmp_path}/ckpt/config.yaml")
+
+
+def test_readme_shows_the_cpu_demo_runs_table():
+    """The README's table is the default demo's (config/digits_demo_config.yaml, the digits), labelled so."""
+    from src.config import load_config
+    from tests.helpers import ROOT
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    intro, rest = text.split("| Parameters                 | CPU |", 1)
+    assert "The CPU demo run's (`python train.py`)" in intro.rstrip().rsplit("\n\n", 1)[-1]
+    table = _table("| Parameters                 | CPU |" + rest.split("\n\n", 1)[0])
+    assert list(table) == ZOO_ROWS
+    demo = load_config([])
+    assert (demo.arch, demo.head, demo.demo_dataset) == ("resnet18", "isqrt_cov", "digits")
+    assert table["Model Version"] == f"ResNet-18 iSQRT-COV (d = {demo.dimension_reduction}, N = {demo.iter_num})"
+    assert table["Dataset"] == "digits: 10 classes, 1,437 train / 360 val images"  # scikit-learn's 1797 digits
+    assert table["Training Parameters"].startswith(
+        f"epoch={demo.epoch_size}, steps per epoch={1437 // demo.batch_size}, batch_size = {demo.batch_size}, "
+        f"lr={demo.lr:g} for a total batch of {demo.lr_base_batch} ({demo.lr_schedule}), weight decay "
+        f"{demo.weight_decay:g}, {demo.image_size}x{demo.image_size} input, amp_level O0")
+    assert table["config"] == "output/ckpt/config.yaml"
