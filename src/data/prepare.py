@@ -109,7 +109,10 @@ def prepare(dataset, src, dst, link="auto", crop_banner=False, log=print):
         _check_train_classes(dst, plan)
     options = {"dataset": dataset, "source": plan.root, "crop_banner": bool(crop_banner)}
     marker = os.path.join(dst, MARKER)
-    done = json.load(open(marker)) if os.path.isfile(marker) else None
+    done = None
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            done = json.load(f)
     if done is not None and {k: done.get(k) for k in options} != options:
         raise DataError(f"{dst} was prepared with other settings ({', '.join(f'{k}={done.get(k)}' for k in options)}): "
                         "choose another --dst")
