@@ -83,6 +83,8 @@ SCHEMA = [
     _K("warmup_lr_init", 0.0, "float", "lr at the first warm-up step (absolute, not scaled)"),
     _K("lr_end", 0.0, "float", "cosine schedule: final lr (absolute, not scaled)"),
     _K("classifier_lr_factor", 1.0, "float", "lr multiplier of the classifier (fast-MPN-COV's classifier_factor)"),
+    _K("classifier_weight_decay", None, "float", "weight decay of the classifier; null = weight_decay "
+       "(fast-MPN-COV finetunes VGG classifiers with 0)", optional=True),
     _K("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy loss"),
     _K("amp_level", "auto", "str", "mixed precision: auto = O2 on GPU/Ascend, O0 on CPU; O1-O3 keep the "
        "meta-layer and the loss in float32", choices=["auto", "O0", "O1", "O2", "O3"]),
@@ -105,7 +107,8 @@ SCHEMA = [
     _K("mindir", "", "str", "predict.py: classify with this exported MINDIR file instead of a checkpoint"),
     _K("max_steps_per_epoch", 0, "int", "stop each epoch after N steps (0 = all; for smoke runs)"),
     _K("freeze_layers", 0, "int",
-       "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks); fast-MPN-COV's freezed_layer"),
+       "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks). fast-MPN-COV's "
+       "--freezed-layer counts modules instead: its 5 on a ResNet (conv1, bn1, relu, maxpool, layer1) is 2 here"),
     _K("freeze_backbone_epochs", 0, "int",
        "two-stage finetuning: train only the head (representation + classifier) for the first N epochs, then all"),
 ]
@@ -120,6 +123,6 @@ _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimen
         "image_size": 1, "batch_size": 1, "lr_base_batch": 1, "num_parallel_workers": 1, "prefetch_size": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
-        "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1, "log_interval": 1,
-        "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
+        "classifier_weight_decay": 0.0, "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1,
+        "log_interval": 1, "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
         "top_k": 1, "freeze_layers": 0, "freeze_backbone_epochs": 0}

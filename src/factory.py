@@ -52,7 +52,8 @@ def param_groups(cfg, net, lr_per_step):
     for (is_cls, no_decay, staged), params in sorted(groups.items()):
         factor = cfg.classifier_lr_factor if is_cls else 1.0
         lr = backbone_lr(cfg, lr_per_step) if staged else lr_per_step
-        out.append({"params": params, "weight_decay": 0.0 if no_decay else float(cfg.weight_decay),
+        decay = cfg.classifier_weight_decay if is_cls and cfg.classifier_weight_decay is not None else cfg.weight_decay
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else float(decay),
                     "lr": ms.Tensor(lr * factor, ms.float32)})
     return out
 
