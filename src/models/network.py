@@ -18,6 +18,7 @@ from mindspore import nn
 from mindspore.common.initializer import Uniform
 
 from src.bilinear import BCNN, CBP
+from src.dropcov import DropCov
 from src.isqrt_cov import ISqrtCov
 from src.models.resnet import RESNETS, ResNetBackbone
 from src.models.vgg import MLPClassifier, vgg16_bn
@@ -82,6 +83,11 @@ def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="gram"):
     return CBP(in_channels, proj_dim=proj_dim, dimension_reduction=dimension_reduction, method=cbp_method)
 
 
+def _dropcov(in_channels, dimension_reduction=256, dropcov_eca_kernel=3, dropcov_rate_scale=10.0):
+    return DropCov(in_channels, dimension_reduction=dimension_reduction, eca_kernel=dropcov_eca_kernel,
+                   rate_scale=dropcov_rate_scale)
+
+
 # head -> (representation builder, its keyword arguments with defaults, layer4 stride)
 HEADS = {
     "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True}, 1),
@@ -89,6 +95,8 @@ HEADS = {
     # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
     "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
     "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "gram"}, 2),
+    # DropCov's resnet*_ACD: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU (src/dropcov.py).
+    "dropcov": (_dropcov, {"dimension_reduction": 256, "dropcov_eca_kernel": 3, "dropcov_rate_scale": 10.0}, 1),
 }
 
 
