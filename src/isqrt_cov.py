@@ -28,9 +28,12 @@ from mindspore.common.initializer import HeNormal
 TRACE_EPS = 1e-20
 
 
-def num_products(iter_num):
-    """Matrix products (d x d x d) of the forward Newton-Schulz iteration: 1 + 3(N-2) + 2."""
-    return 1 if iter_num == 1 else 3 * iter_num - 3
+def num_products(iter_num, inverse=False):
+    """Matrix products (d x d x d) of the forward Newton-Schulz iteration: 1 + 3(N-2) + 2 (square
+    root and inverse alike; N = 1 costs 1 product for the square root, none for the inverse)."""
+    if iter_num == 1:
+        return 0 if inverse else 1
+    return 3 * iter_num - 3
 
 
 def _to_float32(x):
@@ -93,16 +96,22 @@ class _NewtonSchulzFn(nn.Cell):
 
     Computed on Yh = -Y/2 and Z: then T = (3I - ZY)/2 = 1.5I + Z Yh, Yh_k = Yh T, Z_k = T Z, and the
     first step is Yh_1 = Ah T_1, Z_1 = T_1 = 1.5I + Ah with Ah = -A/2. Every step forms T with one
-    add and the backward needs no scalar multiplies; C = -2 sqrt(norm) Yh_N.
+    add and the backward needs no scalar multiplies.
 
-    Returns (C, norm, Ah, T_1, [Yh_1, Z_1, T_2, Yh_2, Z_2, T_3, ...], Yh_N): the result first,
-    then what the backward reads (Yh_{k-1}, Z_{k-1}, T_k for every step k >= 2).
+    ``inverse`` False (square root): the last step computes only Yh_N, C = -2 sqrt(norm) Yh_N.
+    ``inverse`` True (inverse square root): the last step computes only Z_N, C = Z_N / sqrt(norm).
+
+    Returns (C, norm, Ah, T_1, [Yh_1, Z_1, T_2, Yh_2, Z_2, T_3, ...]): the result first, then what
+    the backward reads (Yh_{k-1}, Z_{k-1}, T_k for every step k >= 2).
     """
 
-    def __init__(self, iter_num, eps=TRACE_EPS):
+    def __init__(self, iter_num, eps=TRACE_EPS, inverse=False):
         super().__init__()
         self.iter_num = iter_num
         self.eps = eps
+        self.inverse = bool(inverse)
+        # C = scale * norm^power * (Yh_N or Z_N)
+        self.power = -0.5 if self.inverse else 0.5
         self.mm = ops.BatchMatMul()
         self.mm_ta = ops.BatchMatMul(transpose_a=True)
         self.mm_tb = ops.BatchMatMul(transpose_b=True)
@@ -116,18 +125,23 @@ class _NewtonSchulzFn(nn.Cell):
         norm = ops.diagonal(a, 0, 1, 2).sum(axis=1).reshape(b, 1, 1) + self.eps
         ah = a * (-0.5 / norm)
         t = ah + eye15
-        y = self.mm(ah, t)
         z = t
+        y = z if self.inverse and self.iter_num == 1 else self.mm(ah, t)
         saved = (ah, t)
         for k in range(2, self.iter_num + 1):
             t = self.mm(z, y) + eye15
             saved = saved + (y, z, t)
             if k < self.iter_num:
                 y, z = self.mm(y, t), self.mm(t, z)
+            elif self.inverse:
+                z = self.mm(t, z)
             else:
                 y = self.mm(y, t)
-        c = y * (-2.0 * ops.sqrt(norm))
-        return (c, norm) + saved + (y,)
+        if self.inverse:
+            c = z * ops.rsqrt(norm)
+        else:
+            c = y * (-2.0 * ops.sqrt(norm))
+        return (c, norm) + saved
 
     def bprop(self, a, out, dout):
         # Exact reverse mode of construct. Gradients named g* are held transposed (g = dl/dX^T):
@@ -140,34 +154,53 @@ class _NewtonSchulzFn(nn.Cell):
         norm = out[1]
         ah = out[2]
         t1 = out[3]
-        sqrt_norm = ops.sqrt(norm)
-        # Post-compensation C = g Yh_N with g = -2 sqrt(norm): dg/dnorm = -1/sqrt(norm).
-        dy = dc * (-2.0 * sqrt_norm)
-        dnorm = -_frobenius(dc, out[-1]) / sqrt_norm
+        # Post-compensation C = s norm^p W (W = Yh_N or Z_N): dl/dnorm = p <dC, C> / norm.
+        dnorm = _frobenius(dc, out[0]) * (self.power / norm)
+        if self.inverse:
+            dw = dc * ops.rsqrt(norm)
+        else:
+            dw = dc * (-2.0 * ops.sqrt(norm))
         if n == 1:
-            # Yh_1 = Ah T_1, T_1 = 1.5I + Ah (Z_1 is not used).
-            d_ah = self.mm_tb(dy, t1) + self.mm_ta(ah, dy)
+            if self.inverse:
+                d_ah = dw  # Z_1 = T_1 = 1.5I + Ah
+            else:
+                d_ah = self.mm_tb(dw, t1) + self.mm_ta(ah, dw)  # Yh_1 = Ah T_1
         else:
             # Reverse of steps N..2: T = 1.5I + Z Y, Y' = Y T, Z' = T Z with (Y, Z) = (Yh_{k-1}, Z_{k-1}):
             # dT = Y^T dY' + dZ' Z^T, dY = dY' T^T + Z^T dT, dZ = T^T dZ' + dT Y^T (transpose these).
             gy = None
-            gz = None
+            gz = None  # dl/dZ_k^T; at the last step the transposed dZ_N (inverse) or none (square root)
             dz1 = None
             for k in range(n, 1, -1):
                 base = 4 + 3 * (k - 2)
                 y = out[base]
                 z = out[base + 1]
                 t = out[base + 2]
-                if k == n:
-                    gt = self.mm_ta(dy, y)
-                    gy_prev = self.mm_tb(t, dy) + self.mm(gt, z)
-                else:
+                if k < n:
                     gt = self.mm(gy, y) + self.mm(z, gz)
                     gy_prev = self.mm(t, gy) + self.mm(gt, z)
-                if k > 2:
-                    gz = self.mm(y, gt) if k == n else self.mm(gz, t) + self.mm(y, gt)
+                elif self.inverse:
+                    # Only Z_N = T Z: dT = dZ' Z^T, dY = Z^T dT.
+                    gt = self.mm_tb(z, dw)
+                    gy_prev = self.mm(gt, z)
                 else:
-                    dz1 = self.mm_tatb(gt, y) if k == n else self.mm_tatb(t, gz) + self.mm_tatb(gt, y)
+                    # Only Yh_N = Y T: dT = Y^T dY', dY = dY' T^T + Z^T dT.
+                    gt = self.mm_ta(dw, y)
+                    gy_prev = self.mm_tb(t, dw) + self.mm(gt, z)
+                # dZ = T^T dZ' + dT Y^T; dZ' is gz^T for k < N, dw (inverse) or 0 (square root) at N.
+                if k > 2:
+                    if k < n:
+                        gz = self.mm(gz, t) + self.mm(y, gt)
+                    elif self.inverse:
+                        gz = self.mm_ta(dw, t) + self.mm(y, gt)
+                    else:
+                        gz = self.mm(y, gt)
+                elif k < n:
+                    dz1 = self.mm_tatb(t, gz) + self.mm_tatb(gt, y)
+                elif self.inverse:
+                    dz1 = self.mm_ta(t, dw) + self.mm_tatb(gt, y)
+                else:
+                    dz1 = self.mm_tatb(gt, y)
                 gy = gy_prev
             # Step 1: Yh_1 = Ah T_1, Z_1 = T_1, T_1 = 1.5I + Ah; dY_1 = gy^T.
             d_ah = self.mm_tatb(gy, t1) + (self.mm_tatb(ah, gy) + dz1)
@@ -177,20 +210,47 @@ class _NewtonSchulzFn(nn.Cell):
         return (da,)
 
 
+def _check_iter_num(name, iter_num):
+    if int(iter_num) != iter_num or iter_num < 1:
+        raise ValueError(f"{name} iter_num must be an integer >= 1, got {iter_num!r}")
+    return int(iter_num)
+
+
+def _check_square(name, x):
+    if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"{name} expects square matrices (B, d, d), got shape {x.shape}")
+
+
 class Sqrtm(nn.Cell):
     """Matrix square root of (B, d, d) SPD matrices by iSQRT: trace pre-normalisation,
     ``iter_num`` coupled Newton-Schulz steps, post-compensation by sqrt(trace)."""
 
     def __init__(self, iter_num=5, eps=TRACE_EPS):
         super().__init__()
-        if int(iter_num) != iter_num or iter_num < 1:
-            raise ValueError(f"Sqrtm iter_num must be an integer >= 1, got {iter_num!r}")
-        self.iter_num = int(iter_num)
+        self.iter_num = _check_iter_num("Sqrtm", iter_num)
         self.fn = _NewtonSchulzFn(self.iter_num, eps)
 
     def construct(self, x):
-        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"Sqrtm expects square matrices (B, d, d), got shape {x.shape}")
+        _check_square("Sqrtm", x)
+        return _restore(self.fn(_to_float32(x))[0], x.dtype)
+
+
+class InvSqrtm(nn.Cell):
+    """Inverse matrix square root of (B, d, d) SPD matrices by the same coupled Newton-Schulz
+    iteration: A -> Z_N / sqrt(tr A), with Y_0 = A / tr(A), Z_0 = I, the last step computing only
+    Z_N = T_N Z_{N-1} (iSICE's ``Sqrtm``, Rahman et al., CVPR 2023; iter_num = 1 gives
+    (3I - A / tr A) / (2 sqrt(tr A))). (B, d, d) -> (B, d, d), in the input's dtype.
+
+    ``eps`` (1e-20) is added to the trace: an all-zero input gives a finite (huge) result, not
+    Inf; callers that want a usable inverse add a ridge first, as iSICE does."""
+
+    def __init__(self, iter_num=5, eps=TRACE_EPS):
+        super().__init__()
+        self.iter_num = _check_iter_num("InvSqrtm", iter_num)
+        self.fn = _NewtonSchulzFn(self.iter_num, eps, inverse=True)
+
+    def construct(self, x):
+        _check_square("InvSqrtm", x)
         return _restore(self.fn(_to_float32(x))[0], x.dtype)
 
 
@@ -229,8 +289,7 @@ class TriuVec(nn.Cell):
         self.fn = _TriuVecFn()
 
     def construct(self, x):
-        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"TriuVec expects square matrices (B, d, d), got shape {x.shape}")
+        _check_square("TriuVec", x)
         return _restore(self.fn(_to_float32(x)), x.dtype)
 
 
