@@ -172,6 +172,8 @@ def _hints(arch, layout, source_names, source_arch, converted, expected, wrong, 
     lines = []
     if layout == "vgg" and "features.1.gamma" not in source_names:
         return ["  hint: the checkpoint's VGG has no batch normalisation; this project has vgg16_bn only"]
+    if any(n.startswith("eca_layer.") for n in source_names) and net.head != "dropcov":
+        lines.append("  hint: the checkpoint is DropCov's resnet*_ACD (eca_layer): pass --head dropcov")
     guess = infer_arch(source_names) if layout != "vgg" else "vgg16_bn"
     if source_arch:
         guess = _SOURCE_ARCHS.get(source_arch, source_arch) if guess is None else guess
