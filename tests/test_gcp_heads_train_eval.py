@@ -6,7 +6,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from tests.helpers import make_image_folder, run_script, tiny_flags
+from tests.helpers import ROOT, make_image_folder, run_script, tiny_flags
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +33,37 @@ def test_train_then_eval(data, tmp_path, head):
     assert metrics["num_images"] == 12
     assert metrics["top1"] == pytest.approx(best["val_top1"], abs=1e-9)  # DropCov's eval is deterministic
     assert metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def _config(name, *flags):
+    from src.config import load_config
+    return load_config(["--config_path", os.path.join(ROOT, "config", name)] + list(flags))
+
+
+def test_recipe_configs():
+    """The authors' published recipes (DropCov's main.py for resnet50_ACD, iSICE's train_iSICE_model.sh),
+    checked against their literal values; the networks they build are the authors' layouts."""
+    from src.factory import build_network
+    c = _config("resnet50_dropcov_imagenet2012_config.yaml")
+    assert (c.arch, c.head, c.dimension_reduction, c.dropcov_eca_kernel, c.dropcov_rate_scale) == \
+        ("resnet50", "dropcov", 256, 3, 10.0)
+    assert (c.optimizer, c.momentum, c.weight_decay, c.lr, c.lr_base_batch, c.epoch_size, c.lr_milestones,
+            c.lr_gamma, c.no_decay_bn_bias) == ("momentum", 0.9, 1e-4, 0.1, 256, 100, [30, 60, 90], 0.1, False)
+    assert c.batch_size * 8 == 256 and (c.image_size, c.eval_resize, c.train_transform) == \
+        (224, 256, "random_resized_crop")
+    assert "78.19" in open(os.path.join(ROOT, "config", "resnet50_dropcov_imagenet2012_config.yaml")).read()
+    d = _config("resnet50_dropcov_cub200_config.yaml")
+    base = _config("resnet50_cub200_config.yaml")  # the project's CUB protocol, the same for every head
+    same = ("batch_size", "lr", "lr_base_batch", "epoch_size", "weight_decay", "classifier_lr_factor", "image_size",
+            "train_transform", "train_resize", "eval_resize", "eval_flip_average", "lr_milestones")
+    assert d.head == "dropcov" and all(d[k] == base[k] for k in same)
+    i = _config("resnet50_isice_cub200_config.yaml")
+    assert (i.arch, i.head, i.dimension_reduction, i.isice_steps, i.isice_sparsity, i.isice_step_size,
+            i.isice_ns_iter) == ("resnet50", "isice", 256, 5, 0.01, 1.0, 7)
+    assert (i.batch_size, i.epoch_size, i.lr_milestones, i.lr_gamma, i.classifier_lr_factor, i.image_size,
+            i.train_resize, i.eval_flip_average, i.num_classes) == (50, 100, [15, 30], 0.1, 1.0, 448, 448, True, 200)
+    assert "AdamW" in open(os.path.join(ROOT, "config", "resnet50_isice_cub200_config.yaml")).read()
+    for cfg, stride in ((c, 1), (i, 2)):
+        net = build_network(cfg)
+        assert net.features.layer4[0].conv2.stride == (stride, stride)
+        assert net.representation.output_dim == net.classifier.fc.weight.shape[1] == 32896
