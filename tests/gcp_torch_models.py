@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from bench.peers.torch_resnet import ARCHS, conv1x1, cov_pool, create_torch_model, triu_index
+from bench.peers.torch_resnet import ARCHS, TorchResNet, cov_pool, create_torch_model, triu_index
 from tests import fast_mpn_cov_models as fm
 
 ISICE_EPS = 1e-9
@@ -37,34 +37,14 @@ class EcaLayer(nn.Module):
         return x * y.expand_as(x) + x, y
 
 
-class ResNetACD(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, dim=256):
-        super().__init__()
-        self.in_channels = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 1)
-        self.eca_layer = EcaLayer(dim)
-        self.layer_reduce = nn.Conv2d(512 * block.expansion, dim, 1, bias=False)
-        self.layer_reduce_bn = nn.BatchNorm2d(dim)
-        self.layer_reduce_relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(dim * (dim + 1) // 2, num_classes)
-        self.register_buffer("index", triu_index(dim), persistent=False)
+class ResNetACD(TorchResNet):
+    """fast-MPN-COV's mpncovresnet layout (bench/peers/torch_resnet.py: layer4 at stride 1, layer_reduce,
+    fc on the upper triangle) plus DropCov's eca_layer, as resnet*_ACD."""
 
-    def _make_layer(self, block, planes, blocks, stride):
-        downsample = None
-        if stride != 1 or self.in_channels != planes * block.expansion:
-            downsample = nn.Sequential(conv1x1(self.in_channels, planes * block.expansion, stride),
-                                       nn.BatchNorm2d(planes * block.expansion))
-        mods = [block(self.in_channels, planes, stride, downsample)]
-        self.in_channels = planes * block.expansion
-        mods += [block(self.in_channels, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*mods)
+    def __init__(self, block, layers, num_classes=1000, dim=256):
+        super().__init__(block, layers, num_classes, head="isqrt_cov", dimension_reduction=dim)
+        self.eca_layer = EcaLayer(dim)
+        self.register_buffer("index", triu_index(dim), persistent=False)
 
     @staticmethod
     def rate(x, y):
@@ -78,9 +58,7 @@ class ResNetACD(nn.Module):
         return nn.Dropout2d(self.rate(x, y).item())(x)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.layer_reduce_relu(self.layer_reduce_bn(self.layer_reduce(x)))
+        x = self.layer_reduce_relu(self.layer_reduce_bn(self.layer_reduce(self.forward_features(x))))
         if self.training:
             x, y = self.eca_layer(x)
             x = self.balance_rate(x, y)

@@ -12,10 +12,9 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from src.dropcov import DropCov, ECALayer, EcaConv, UniformDraw, adaptive_rate, channel_scale
-from src.factory import NetWithLoss, TrainStep
 from src.models import create_model
-from src.models.network import ClassificationNet
-from src.precision import apply_precision, check_float32
+from tests.test_isqrt_cov import central_fd
+from tests.tiny_heads import assert_float32_result, assert_non_finite_steps_skipped, mixed_precision_twins, tiny_net
 
 
 @pytest.fixture(autouse=True)
@@ -63,16 +62,6 @@ def np_dropcov_train(x, w, u, rate_scale=10.0, p=None):
         p = np_rate(y, np_cov(xe), rate_scale)
     keep = (u >= p) / (1 - p) if p < 1 else np.zeros_like(u)
     return np_triu(np_cov(xe * keep[:, :, None, None])), p
-
-
-def central_fd(f, x, dout, h=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = ((f(xp) - f(xm)) * dout).sum() / (2 * h)
-    return g
 
 
 def features(shape, seed=0, scale=1.0):
@@ -290,59 +279,22 @@ def test_eval_is_deterministic_and_equals_covariance_triu_fc():
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-class _Tiny(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2, pad_mode="pad", padding=1)
-        self.out_channels = 8
-
-    def construct(self, x):
-        return ops.relu(self.conv(x))
-
-
 def _tiny_net():
-    return ClassificationNet(_Tiny(), DropCov(8, dimension_reduction=6), 3, arch="tiny", head="dropcov")
+    return tiny_net(DropCov(8, dimension_reduction=6), "dropcov")
 
 
 def test_nan_input_is_a_skipped_step_with_weights_unchanged():
-    """The TrainStep's non-finite handling (float32: train.py then stops with exit 3, tests/test_faults.py)."""
-    net = _tiny_net()
-    opt = nn.Momentum(net.trainable_params(), 0.1, 0.9)
-    step = TrainStep(NetWithLoss(net), opt)
-    step.set_train(True)
-    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
-    x = np.random.default_rng(13).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    labels = Tensor(np.array([0, 1, 2, 0], np.int32))
-    for bad in (np.nan, np.inf):
-        x_bad = x.copy()
-        x_bad[1, :, 2, 2] = bad
-        _, control = step(Tensor(x_bad), labels, Tensor(0.0, ms.float32))
-        assert control.asnumpy()[0] == 1  # overflow: skipped
-        for p in net.get_parameters():
-            np.testing.assert_array_equal(p.asnumpy(), before[p.name], err_msg=p.name)
-    loss, control = step(Tensor(x), labels, Tensor(0.0, ms.float32))
-    assert control.asnumpy()[0] == 0 and np.isfinite(loss.asnumpy())
-    assert not np.array_equal(net.representation.eca_layer.conv.weight.asnumpy(), before["eca_layer.conv.weight"])
+    assert_non_finite_steps_skipped(_tiny_net(), "eca_layer.conv.weight")
 
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_mixed_precision_keeps_every_dropcov_cell_float32(level):
     """src/precision.py flags the whole representation float32: the ECA conv, the rate and the
     covariance of the training path give the O0 values on the float16 features they receive."""
-    ms.set_seed(1)
-    ref = _tiny_net()
-    net = _tiny_net()
-    ms.load_param_into_net(net, {p.name: ms.Parameter(Tensor(p.asnumpy()), name=p.name) for p in ref.get_parameters()})
-    rep = net.representation  # (O2 wraps it to cast its output to float16 for the classifier)
-    apply_precision(net, level)
-    check_float32(net, rep)
-    x16 = features((2, 8, 4, 4), seed=14).astype(np.float16)  # what a float16 backbone hands over
+    ref, _, rep = mixed_precision_twins(_tiny_net, level)
     u = np.random.default_rng(15).random((2, 6))  # draws for the 6 reduced channels
     for r in (ref.representation, rep):
         r.set_train(True)
         r.draw = FixedDraw(u)
         r.rate_coef = 0.3  # a rate inside (0, 1) for these features
-    expected = ref.representation(f32(x16.astype(np.float32))).asnumpy()  # the same values, O0
-    out = rep(Tensor(x16)).asnumpy()
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    assert_float32_result(rep, ref.representation, features((2, 8, 4, 4), seed=14).astype(np.float16))

@@ -11,12 +11,12 @@ import pytest
 import mindspore as ms
 from mindspore import nn, ops, Tensor
 
-from src.factory import NetWithLoss, TrainStep
 from src.isice import ISICE, ISICE_EPS, step_sizes
 from src.isqrt_cov import TRACE_EPS, num_products
 from src.models import create_model
-from src.models.network import ClassificationNet
-from src.precision import apply_precision, check_float32
+from tests.test_isqrt_cov import central_fd
+from tests.test_sqrt_methods import PlainInvSqrtm
+from tests.tiny_heads import assert_float32_result, assert_non_finite_steps_skipped, mixed_precision_twins, tiny_net
 
 
 @pytest.fixture(autouse=True)
@@ -77,16 +77,6 @@ def np_isice(x, **kw):
     return out[:, rows, cols]
 
 
-def central_fd(f, x, dout, h=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = ((f(xp) - f(xm)) * dout).sum() / (2 * h)
-    return g
-
-
 def features(shape, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
     return scale * (np.maximum(rng.standard_normal(shape), 0) + 0.1 * rng.random(shape))
@@ -113,24 +103,16 @@ class Grads(nn.Cell):
 
 
 class PlainISICE(nn.Cell):
-    """The same algorithm with plain ops only: Newton-Schulz inverse square roots multiplied out
-    (Z0 = I literally), every step computed, differentiated by MindSpore autodiff."""
+    """The same algorithm with plain ops only (tests/test_sqrt_methods.py's PlainInvSqrtm: Z0 = I
+    multiplied literally), every step computed, differentiated by MindSpore autodiff."""
 
     def __init__(self, steps=5, lam=0.01, eta=1.0, n=7):
         super().__init__()
-        self.steps, self.lam, self.eta, self.n = steps, lam, eta, n
+        self.steps, self.lam, self.eta = steps, lam, eta
+        self.inv_sqrtm = PlainInvSqrtm(n)
 
     def inv(self, a, eye):
-        a = a + ISICE_EPS * eye
-        tr = (a * eye).sum(axis=(1, 2), keepdims=True)
-        y = a / tr
-        z = eye
-        for k in range(1, self.n + 1):
-            t = (3.0 * eye - ops.matmul(z, y)) / 2.0
-            if k < self.n:
-                y = ops.matmul(y, t)
-            z = ops.matmul(t, z)
-        z = z / ops.sqrt(tr)
+        z = self.inv_sqrtm(a + ISICE_EPS * eye)
         return ops.matmul(z, z)
 
     def construct(self, x):
@@ -285,53 +267,17 @@ def test_network_layout_and_logits(arch, size, hw):
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
-class _Tiny(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, stride=2, pad_mode="pad", padding=1)
-        self.out_channels = 8
-
-    def construct(self, x):
-        return ops.relu(self.conv(x))
-
-
 def _tiny_net():
-    return ClassificationNet(_Tiny(), ISICE(8, dimension_reduction=6), 3, arch="tiny", head="isice")
+    return tiny_net(ISICE(8, dimension_reduction=6), "isice")
 
 
 def test_nan_input_is_a_skipped_step_with_weights_unchanged():
-    """The TrainStep's non-finite handling (float32: train.py then stops with exit 3, tests/test_faults.py)."""
-    net = _tiny_net()
-    step = TrainStep(NetWithLoss(net), nn.Momentum(net.trainable_params(), 0.1, 0.9))
-    step.set_train(True)
-    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
-    x = np.random.default_rng(10).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    labels = Tensor(np.array([0, 1, 2, 0], np.int32))
-    for bad in (np.nan, np.inf):
-        x_bad = x.copy()
-        x_bad[2, 0, 3, 3] = bad
-        _, control = step(Tensor(x_bad), labels, Tensor(0.0, ms.float32))
-        assert control.asnumpy()[0] == 1
-        for p in net.get_parameters():
-            np.testing.assert_array_equal(p.asnumpy(), before[p.name], err_msg=p.name)
-    loss, control = step(Tensor(x), labels, Tensor(0.0, ms.float32))
-    assert control.asnumpy()[0] == 0 and np.isfinite(loss.asnumpy())
-    assert not np.array_equal(net.representation.reduce.layer_reduce.weight.asnumpy(), before["layer_reduce.weight"])
+    assert_non_finite_steps_skipped(_tiny_net(), "layer_reduce.weight")
 
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
 def test_mixed_precision_keeps_every_isice_cell_float32(level):
-    ms.set_seed(1)
-    ref = _tiny_net()
-    net = _tiny_net()
-    ms.load_param_into_net(net, {p.name: ms.Parameter(Tensor(p.asnumpy()), name=p.name) for p in ref.get_parameters()})
-    rep = net.representation  # (O2 wraps it to cast its output to float16 for the classifier)
-    apply_precision(net, level)
-    check_float32(net, rep)
-    x16 = features((2, 8, 4, 4), seed=11).astype(np.float16)  # what a float16 backbone hands over
+    ref, _, rep = mixed_precision_twins(_tiny_net, level)
     ref.representation.set_train(False)
     rep.set_train(False)
-    expected = ref.representation(f32(x16.astype(np.float32))).asnumpy()
-    out = rep(Tensor(x16)).asnumpy()
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    assert_float32_result(rep, ref.representation, features((2, 8, 4, 4), seed=11).astype(np.float16))
