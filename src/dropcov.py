@@ -18,7 +18,8 @@ step; here p stays a device tensor and the channel mask is drawn on the device, 
 u ~ U[0, 1) per (sample, channel) (probability 1 - p, as torch's bernoulli(1 - p)), scaled by
 1 / (1 - p); p = 1 drops every channel (as torch). ``ops.UniformReal`` (Ascend, GPU, CPU) takes its
 seeds from the global seed when the Cell is built, as ``nn.Dropout`` does: ``ms.set_seed`` (the
-Trainer's ``cfg.seed``) fixes the masks.
+Trainer's ``cfg.seed``) fixes the masks (on GPU and CPU; MindSpore documents Ascend's random ops as
+not reproducible).
 
 One covariance, not two: dropping scales channel i of X by s_i (0 or 1/(1-p)), and centring commutes
 with that, so Cov(dropped X) = S Cov(X) S with S = diag(s). The training path computes Cov(X) once,

@@ -261,11 +261,14 @@ def test_seeded_masks_repeat_with_the_seed_and_differ_across_seeds():
 
 # ---------------------------------------------------------------- in the network
 
-def test_eval_is_deterministic_and_equals_covariance_triu_fc():
-    net = create_model("resnet18", "dropcov", 5)
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])
+def test_eval_is_deterministic_and_equals_covariance_triu_fc(arch):
+    net = create_model(arch, "dropcov", 5)
     rep = net.representation
     assert isinstance(rep, DropCov) and rep.dim == 256 and rep.output_dim == 32896
-    assert net.features.layer4[0].conv1.stride == (1, 1)  # layer4 at stride 1: 2x2 at 32 px
+    assert net.classifier_kind == "linear"
+    if arch == "resnet18":
+        assert net.features.layer4[0].conv1.stride == (1, 1)  # layer4 at stride 1: 2x2 at 32 px
     names = {p.name for p in net.trainable_params()}
     assert {"layer_reduce.weight", "layer_reduce_bn.gamma", "eca_layer.conv.weight", "fc.weight"} <= names
     net.set_train(False)
@@ -274,7 +277,7 @@ def test_eval_is_deterministic_and_equals_covariance_triu_fc():
     np.testing.assert_array_equal(logits, net(x).asnumpy())
     f = net.forward_features(x)
     reduced = rep.layer_reduce_relu(rep.layer_reduce_bn(rep.layer_reduce(f))).asnumpy().astype(np.float64)
-    assert reduced.shape == (2, 256, 2, 2)
+    assert reduced.shape == (2, 256, 2, 2)  # VGG: stride 16, its last pool dropped
     expected = np_triu(np_cov(reduced)) @ net.classifier.fc.weight.asnumpy().T + net.classifier.fc.bias.asnumpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
