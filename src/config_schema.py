@@ -78,9 +78,10 @@ SCHEMA = [
     _K("demo_dataset", "", "str", "'digits': write scikit-learn's digits to data_path first if it has no train/",
        choices=["", "digits"]),
     _K("epoch_size", 65, "int", "number of training epochs"),
-    _K("optimizer", "momentum", "str", "optimizer (SGD with momentum)", choices=["momentum"]),
+    _K("optimizer", "momentum", "str", "momentum = SGD with momentum (weight decay as an L2 term); adamw = PyTorch's "
+       "AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay; momentum unused)", choices=["momentum", "adamw"]),
     _K("momentum", 0.9, "float", "SGD momentum"),
-    _K("weight_decay", 1e-4, "float", "L2 weight decay"),
+    _K("weight_decay", 1e-4, "float", "weight decay: L2 for momentum, decoupled (p <- p (1 - lr wd)) for adamw"),
     _K("no_decay_bn_bias", False, "bool", "exclude BatchNorm parameters and biases from weight decay"),
     _K("lr", 0.1, "float", "peak learning rate for a total batch of lr_base_batch"),
     _K("lr_schedule", "step", "str", "learning-rate schedule", choices=["step", "cosine"]),

@@ -41,7 +41,8 @@ def _config(name, *flags):
 
 
 def test_recipe_configs():
-    """The authors' published recipes (DropCov's main.py for resnet50_ACD, iSICE's train_iSICE_model.sh),
+    """The authors' published recipes (DropCov's main.py for resnet50_ACD, iSICE's train_iSICE_model.sh with
+    main.py's AdamW),
     checked against their literal values; the networks they build are the authors' layouts."""
     from src.factory import build_network
     c = _config("resnet50_dropcov_imagenet2012_config.yaml")
@@ -62,7 +63,8 @@ def test_recipe_configs():
             i.isice_ns_iter) == ("resnet50", "isice", 256, 5, 0.01, 1.0, 7)
     assert (i.batch_size, i.epoch_size, i.lr_milestones, i.lr_gamma, i.classifier_lr_factor, i.image_size,
             i.train_resize, i.eval_flip_average, i.num_classes) == (50, 100, [15, 30], 0.1, 1.0, 448, 448, True, 200)
-    assert "AdamW" in open(os.path.join(ROOT, "config", "resnet50_isice_cub200_config.yaml")).read()
+    assert (i.optimizer, i.lr, i.lr_base_batch, i.weight_decay) == ("adamw", 5e-5, 50, 0.05)
+    assert "85.9" in open(os.path.join(ROOT, "config", "resnet50_isice_cub200_config.yaml")).read()
     for cfg, stride in ((c, 1), (i, 2)):
         net = build_network(cfg)
         assert net.features.layer4[0].conv2.stride == (stride, stride)
