@@ -40,22 +40,27 @@ def check_iter_num(name, iter_num):
     return int(iter_num)
 
 
+def divide(t, m):
+    """t / m for an int m: a scalar multiply by 1/m in float32 (cheaper than Div); an exact Div in
+    float64, since MindSpore rounds a Python float operand to float32 first (1/49 is 4e-10 off)."""
+    return t / m if t.dtype == ms.float64 else t * (1.0 / m)
+
+
 def centred_covariance(x, mm, mm_tb):
     """Sigma = X Ihat X^T with Ihat = (I - 11^T/M)/M for a (B, C, H, W) map of any float dtype.
 
     Returns (Sigma (B, C, C), centred X (B, C, M)): the backward reuses the centred X. The mean is a
-    batched matrix-vector product (MindSpore's ReduceMean is several times slower on CPU) and 1/M a
-    scalar multiply (cheaper than Div). ``mm``/``mm_tb``: BatchMatMul primitives of the caller."""
+    batched matrix-vector product (MindSpore's ReduceMean is several times slower on CPU). ``mm``/``mm_tb``: BatchMatMul primitives of the caller."""
     b, c, h, w = x.shape
     m = h * w
     xr = x.reshape(b, c, m)
-    ones = ops.broadcast_to(ops.ones((1, m, 1), x.dtype) * (1.0 / m), (b, m, 1))
+    ones = ops.broadcast_to(divide(ops.ones((1, m, 1), x.dtype), m), (b, m, 1))
     xc = xr - mm(xr, ones)
-    return mm_tb(xc, xc) * (1.0 / m), xc
+    return divide(mm_tb(xc, xc), m), xc
 
 
 def covariance_backward(g, xc, shape, mm):
     """dl/dX = (G + G^T) X Ihat for G = dl/dSigma; X Ihat is the centred X divided by M."""
     b, c, h, w = shape
-    dx = mm(g + g.transpose(0, 2, 1), xc) * (1.0 / (h * w))
+    dx = divide(mm(g + g.transpose(0, 2, 1), xc), h * w)
     return dx.reshape(b, c, h, w)

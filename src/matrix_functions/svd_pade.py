@@ -34,7 +34,7 @@ import functools
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn, ops, Tensor
 from mindspore.ops.operations.linalg_ops import Eigh
 
 from src.matrix_functions.common import (centred_covariance, check_feature_map, covariance_backward, restore,
@@ -58,8 +58,8 @@ def geometric_pade_coefficients(order=PADE_ORDER, digits=20):
 def _clamp_inf(x):
     """+Inf -> the largest finite value of the whole tensor, -Inf -> the smallest (the authors' check)."""
     finite = ops.isfinite(x)
-    big = ops.where(finite, x, ops.full_like(x, -np.inf)).max()
-    small = ops.where(finite, x, ops.full_like(x, np.inf)).min()
+    big = ops.where(finite, x, ops.zeros_like(x) - np.inf).max()
+    small = ops.where(finite, x, ops.zeros_like(x) + np.inf).min()
     x = ops.where(x == np.inf, big, x)
     return ops.where(x == -np.inf, small, x)
 
@@ -69,7 +69,11 @@ class _SvdPadeFn(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.p, self.q = geometric_pade_coefficients()
+        p, q = geometric_pade_coefficients()
+        # (p_k, q_k) as float64 Tensors of shape (2, 1, 1, 1): P and Q are summed together (half the
+        # kernels), and MindSpore would round Python float operands to float32, while Q(r) near r = 1 is
+        # a sum of terms ~1 cancelling to ~1e-5.
+        self.pq = tuple(Tensor(np.array([pk, qk]).reshape(2, 1, 1, 1), ms.float64) for pk, qk in zip(p, q))
         self.mm = ops.BatchMatMul()
         self.mm_ta = ops.BatchMatMul(transpose_a=True)
         self.mm_tb = ops.BatchMatMul(transpose_b=True)
@@ -78,14 +82,20 @@ class _SvdPadeFn(nn.Cell):
 
     def construct(self, x):
         sigma, xc = centred_covariance(ops.cast(x, ms.float64), self.mm, self.mm_tb)
-        lams, vecs = [], []
-        for i in range(sigma.shape[0]):
+        b, d, _ = sigma.shape
+        # A non-finite sample is decomposed as I (LAPACK-style solvers may fail on NaN) and returns NaN.
+        finite = ops.isfinite(sigma.reshape(b, -1).sum(axis=1)).reshape(b, 1, 1)
+        sigma = ops.where(finite, sigma, ops.broadcast_to(self.eye(d, d, ms.float64), (b, d, d)))
+        lams = ()
+        vecs = ()
+        for i in range(b):
             lam, vec = self.eigh(sigma[i])
-            lams.append(lam)
-            vecs.append(vec)
+            lams = lams + (lam,)
+            vecs = vecs + (vec,)
         v = ops.stack(vecs)
         s = ops.maximum(ops.abs(ops.stack(lams)), EPS64)
         y = self.mm_tb(v * ops.sqrt(s).expand_dims(1), v)
+        y = ops.where(finite, y, y * np.nan)
         return ops.cast(y, ms.float32), xc, v, s
 
     def pade_k(self, s):
@@ -99,14 +109,13 @@ class _SvdPadeFn(nn.Cell):
         scale = (1.0 - eye) / ops.where(si >= sj, si, -sj)
         # Power sums in the authors' order: at r = 1 their float64 sum of q is exactly 0 (the pole), which
         # another order (Horner) would round to a tiny number and a huge finite K that escapes the clamp.
-        pv = ops.ones_like(r) * self.p[0]
-        qv = ops.ones_like(r) * self.q[0]
-        rk = ops.ones_like(r)
-        for k in range(1, len(self.p)):
+        ones = ops.ones_like(r)
+        pq = ones * self.pq[0]
+        rk = ones
+        for k in range(1, len(self.pq)):
             rk = rk * r
-            pv = pv + rk * self.p[k]
-            qv = qv + rk * self.q[k]
-        return _clamp_inf(scale * (pv / qv))
+            pq = pq + rk * self.pq[k]
+        return _clamp_inf(scale * (pq[0] / pq[1]))
 
     def bprop(self, x, out, dout):
         g = ops.cast(dout[0], ms.float64)
