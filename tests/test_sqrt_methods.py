@@ -283,10 +283,11 @@ def test_svd_pade_forward_and_backward_are_the_authors(kind):
     assert np.isfinite(out).all() and np.isfinite(grad).all()
     assert np.abs(out - ref).max() <= 1e-6 * max(np.abs(ref).max(), 1e-2)
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    _, xc, v, s = SvdPade().fn(Tensor(x.astype(np.float32)))
+    saved = [t.asnumpy().astype(np.float64) for t in SvdPade().fn(Tensor(x.astype(np.float32)))[1:]]
     ms.set_context(mode=ms.GRAPH_MODE)
-    s = s.asnumpy()
-    expected = R.svd_pade_grad(v.asnumpy(), s, g, xc.asnumpy(), _authors_pade, x.shape)
+    v, s = saved[0] + saved[1], saved[2] + saved[3]  # float64 V and s, saved as float32 pairs
+    assert np.abs(v @ v.transpose(0, 2, 1) - np.eye(v.shape[1])).max() < 1e-13
+    expected = R.svd_pade_grad(v, s, g, R.covariance(x)[1], _authors_pade, x.shape)
     assert np.abs(grad - expected).max() <= 1e-6 * max(np.abs(expected).max(), 1e-2)
     if kind == "zero":  # every s clamped at eps: all ties, K entirely from the Inf clamp
         assert (s == EPS64).all() and np.abs(grad).max() == 0

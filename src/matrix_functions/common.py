@@ -46,17 +46,24 @@ def divide(t, m):
     return t / m if t.dtype == ms.float64 else t * (1.0 / m)
 
 
-def centred_covariance(x, mm, mm_tb):
-    """Sigma = X Ihat X^T with Ihat = (I - 11^T/M)/M for a (B, C, H, W) map of any float dtype.
-
-    Returns (Sigma (B, C, C), centred X (B, C, M)): the backward reuses the centred X. The mean is a
-    batched matrix-vector product (MindSpore's ReduceMean is several times slower on CPU). ``mm``/``mm_tb``: BatchMatMul primitives of the caller."""
+def centred(x, mm):
+    """The (B, C, H, W) map as (B, C, M) with each channel's mean over the M positions removed. The mean
+    is a batched matrix-vector product (MindSpore's ReduceMean is several times slower on CPU)."""
     b, c, h, w = x.shape
     m = h * w
     xr = x.reshape(b, c, m)
     ones = ops.broadcast_to(divide(ops.ones((1, m, 1), x.dtype), m), (b, m, 1))
-    xc = xr - mm(xr, ones)
-    return divide(mm_tb(xc, xc), m), xc
+    return xr - mm(xr, ones)
+
+
+def centred_covariance(x, mm, mm_tb):
+    """Sigma = X Ihat X^T with Ihat = (I - 11^T/M)/M for a (B, C, H, W) map of any float dtype.
+
+    Returns (Sigma (B, C, C), centred X (B, C, M)): the backward reuses the centred X.
+    ``mm``/``mm_tb``: BatchMatMul primitives of the caller."""
+    b, c, h, w = x.shape
+    xc = centred(x, mm)
+    return divide(mm_tb(xc, xc), h * w), xc
 
 
 def covariance_backward(g, xc, shape, mm):

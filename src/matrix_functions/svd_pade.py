@@ -37,8 +37,8 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 from mindspore.ops.operations.linalg_ops import Eigh
 
-from src.matrix_functions.common import (centred_covariance, check_feature_map, covariance_backward, restore,
-                                         to_float32)
+from src.matrix_functions.common import (centred, centred_covariance, check_feature_map, covariance_backward,
+                                         restore, to_float32)
 
 PADE_ORDER = 50  # [50/50], from the degree-100 Taylor series of 1/(1 - x)
 EPS64 = float(np.finfo(np.float64).eps)  # the authors' clamp: torch.finfo(float64).eps
@@ -55,17 +55,33 @@ def geometric_pade_coefficients(order=PADE_ORDER, digits=20):
         return tuple(float(v) for v in p), tuple(float(v) for v in q)
 
 
+_reduce_max = ops.ReduceMax()  # over all axes; Tensor.max() builds a Tensor inside, which broke TrainStep's graph
+_reduce_min = ops.ReduceMin()
+
+
 def _clamp_inf(x):
     """+Inf -> the largest finite value of the whole tensor, -Inf -> the smallest (the authors' check)."""
     finite = ops.isfinite(x)
-    big = ops.where(finite, x, ops.zeros_like(x) - np.inf).max()
-    small = ops.where(finite, x, ops.zeros_like(x) + np.inf).min()
+    big = _reduce_max(ops.where(finite, x, ops.zeros_like(x) - np.inf))
+    small = _reduce_min(ops.where(finite, x, ops.zeros_like(x) + np.inf))
     x = ops.where(x == np.inf, big, x)
     return ops.where(x == -np.inf, small, x)
 
 
+def _split(t):
+    """A float64 tensor as two float32 ones, hi + lo (48 significant bits): under mixed precision a
+    custom bprop receives its forward's outputs cast to float32, which must not round V and s."""
+    hi = ops.cast(t, ms.float32)
+    return hi, ops.cast(t - ops.cast(hi, ms.float64), ms.float32)
+
+
+def _join(hi, lo):
+    return ops.cast(hi, ms.float64) + ops.cast(lo, ms.float64)
+
+
 class _SvdPadeFn(nn.Cell):
-    """(B, C, H, W) float32 -> (sqrt (B, C, C) float32, centred X, V, s) with the float64 backward."""
+    """(B, C, H, W) float32 -> (root (B, C, C) float32, V and s as float32 pairs (``_split``)) with the
+    float64 backward, which centres X again (one matrix-vector product) rather than keep it."""
 
     def __init__(self):
         super().__init__()
@@ -81,7 +97,7 @@ class _SvdPadeFn(nn.Cell):
         self.eye = ops.Eye()
 
     def construct(self, x):
-        sigma, xc = centred_covariance(ops.cast(x, ms.float64), self.mm, self.mm_tb)
+        sigma, _ = centred_covariance(ops.cast(x, ms.float64), self.mm, self.mm_tb)
         b, d, _ = sigma.shape
         # A non-finite sample is decomposed as I (LAPACK-style solvers may fail on NaN) and returns NaN.
         finite = ops.isfinite(sigma.reshape(b, -1).sum(axis=1)).reshape(b, 1, 1)
@@ -96,7 +112,7 @@ class _SvdPadeFn(nn.Cell):
         s = ops.maximum(ops.abs(ops.stack(lams)), EPS64)
         y = self.mm_tb(v * ops.sqrt(s).expand_dims(1), v)
         y = ops.where(finite, y, y * np.nan)
-        return ops.cast(y, ms.float32), xc, v, s
+        return (ops.cast(y, ms.float32),) + _split(v) + _split(s)
 
     def pade_k(self, s):
         """K_ij ~ 1/(s_i - s_j) (0 on the diagonal) by the authors' Pade approximant, clamped."""
@@ -119,7 +135,8 @@ class _SvdPadeFn(nn.Cell):
 
     def bprop(self, x, out, dout):
         g = ops.cast(dout[0], ms.float64)
-        xc, v, s = out[1], out[2], out[3]
+        v, s = _join(out[1], out[2]), _join(out[3], out[4])
+        xc = centred(ops.cast(x, ms.float64), self.mm)
         root = ops.sqrt(s)
         # V diag(s)^1/2 V^T: dl/dV = (G + G^T) V diag(s)^1/2, dl/ds = diag(V^T G V) / (2 sqrt(s)).
         gv = self.mm(g, v)
