@@ -42,7 +42,10 @@ SCHEMA = [
     _K("classifier", "auto", "str", "classifier: auto = fast-MPN-COV's (4096-4096 MLP for vgg16_bn + isqrt_cov, "
        "one linear layer otherwise), linear, or mlp (two hidden layers of 4096, ReLU, dropout 0.5)",
        choices=["auto", "linear", "mlp"]),
-    _K("iter_num", 5, "int", "Newton-Schulz iterations of the matrix square root"),
+    _K("iter_num", 5, "int", "Newton-Schulz iterations of the matrix square root (sqrt_method ns)"),
+    _K("sqrt_method", "ns", "str", "isqrt_cov: matrix square root: ns = Newton-Schulz (iSQRT-COV), mtp_lya / "
+       "mpa_lya = Taylor / Pade with Lyapunov backward (ICLR 2022), svd_pade = float64 eigendecomposition with "
+       "Pade backward (ICCV 2021; GPU/CPU)", choices=["ns", "mtp_lya", "mpa_lya", "svd_pade"]),
     _K("dimension_reduction", None, "int", "channels after a 1x1 conv + BN + ReLU before pooling; 0 = none, "
        "null = the head's default (isqrt_cov, dropcov, isice 256; bcnn and cbp 0, as their authors)", optional=True),
     _K("proj_dim", 8192, "int", "cbp: Tensor Sketch dimension (the representation's length)"),

@@ -67,9 +67,9 @@ class Classifier(nn.Cell):
         return self.fc(x)
 
 
-def _isqrt_cov(in_channels, iter_num=5, dimension_reduction=256, is_sqrt=True, is_vec=True):
+def _isqrt_cov(in_channels, iter_num=5, dimension_reduction=256, is_sqrt=True, is_vec=True, sqrt_method="ns"):
     return ISqrtCov(in_channels, dimension_reduction=dimension_reduction, iter_num=iter_num,
-                    is_sqrt=is_sqrt, is_vec=is_vec)
+                    is_sqrt=is_sqrt, is_vec=is_vec, sqrt_method=sqrt_method)
 
 
 def _gap(in_channels):
@@ -97,7 +97,8 @@ def _isice(in_channels, dimension_reduction=256, isice_steps=5, isice_sparsity=0
 
 # head -> (representation builder, its keyword arguments with defaults, layer4 stride)
 HEADS = {
-    "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True}, 1),
+    "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True,
+                               "sqrt_method": "ns"}, 1),
     "gap": (_gap, {}, 2),
     # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
     "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
@@ -163,7 +164,8 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     ``classifier`` ("auto", "linear" or "mlp", see resolve_classifier).
 
     head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
-    channels), is_sqrt (True), is_vec (True). "gap" takes none. "bcnn": dimension_reduction (0).
+    channels), is_sqrt (True), is_vec (True), sqrt_method ("ns", "mtp_lya", "mpa_lya", "svd_pade":
+    src/matrix_functions). "gap" takes none. "bcnn": dimension_reduction (0).
     "cbp": proj_dim (8192), dimension_reduction (0), cbp_method ("gram" or "fft": the same result,
     src/bilinear.py). The "isqrt_cov" ResNet is
     fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
