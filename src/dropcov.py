@@ -37,9 +37,10 @@ import math
 
 import mindspore as ms
 from mindspore import nn, ops, Parameter
-from mindspore.common.initializer import HeNormal, Uniform, initializer
+from mindspore.common.initializer import Uniform, initializer
 from mindspore.common.seed import _get_graph_seed
 
+from src.bilinear import _Reduction
 from src.isqrt_cov import CovPool, TriuVec
 
 RATE_SCALE = 10.0  # the reference's constant in 1 - (10 / log2 d) * mean cos
@@ -119,17 +120,13 @@ class DropCov(nn.Cell):
     """
 
     def __init__(self, in_channels, dimension_reduction=256, eca_kernel=ECA_KERNEL, rate_scale=RATE_SCALE):
-        super().__init__()
-        self.reduce = bool(dimension_reduction)
-        if self.reduce:
-            self.layer_reduce = nn.Conv2d(in_channels, dimension_reduction, 1, has_bias=False,
-                                          weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
-            self.layer_reduce_bn = nn.BatchNorm2d(dimension_reduction, momentum=0.9, eps=1e-5)
-            self.layer_reduce_relu = nn.ReLU()
-        self.dim = int(dimension_reduction) if self.reduce else int(in_channels)
+        super().__init__(auto_prefix=False)
+        self.reduce = _Reduction(in_channels, dimension_reduction)  # layer_reduce, layer_reduce_bn
+        self.dim = self.reduce.dim
         if self.dim < 2:
             raise ValueError(f"DropCov needs at least 2 channels (its rate divides by log2 d), got {self.dim}")
         self.eca_layer = ECALayer(eca_kernel)
+        self.eca_layer.update_parameters_name("eca_layer.")  # the reference's name: eca_layer.conv.weight
         self.rate_coef = float(rate_scale) / math.log2(self.dim)
         self.cov = CovPool()
         self.triu = TriuVec()
@@ -147,8 +144,7 @@ class DropCov(nn.Cell):
         return sigma * (s.reshape(b, c, 1) * s.reshape(b, 1, c))
 
     def construct(self, x):
-        if self.reduce:
-            x = self.layer_reduce_relu(self.layer_reduce_bn(self.layer_reduce(x)))
+        x = self.reduce(x)
         dtype = x.dtype
         x = _to_float32(x)
         if self.training:
