@@ -25,6 +25,8 @@ _K = _Key
 SCHEMA = [
     _K("config_path", "", "str", "YAML file with the run's settings (relative paths: from the working directory)"),
     _K("data_path", "", "str", "dataset root holding train/ and val/ class folders (ImageNet layout)"),
+    _K("train_split", "train", "str", "training folder of class folders, under data_path"),
+    _K("val_split", "val", "str", "validation folder of class folders, under data_path (eval.py evaluates it)"),
     _K("output_path", "./output", "str", "folder for checkpoints, logs, metrics and the saved config"),
     _K("checkpoint_file_path", "", "str",
        "checkpoint to evaluate or export (eval.py / export.py); without --config_path, its folder's config.yaml"),

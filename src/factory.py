@@ -19,7 +19,10 @@ def head_kwargs(cfg):
 
 
 def build_network(cfg):
-    return create_model(cfg.arch, cfg.head, cfg.num_classes, classifier=cfg.classifier, **head_kwargs(cfg))
+    """The configured network. It takes uint8 images (N, 3, S, S) on the 0-255 scale, as the data
+    pipelines deliver them, and normalises them with cfg.mean / cfg.std on the device, in float32."""
+    return create_model(cfg.arch, cfg.head, cfg.num_classes, classifier=cfg.classifier, mean=cfg.mean, std=cfg.std,
+                        **head_kwargs(cfg))
 
 
 class NetWithLoss(nn.Cell):

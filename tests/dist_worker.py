@@ -21,21 +21,23 @@ from src.data import create_dataset  # noqa: E402
 from src.distributed import exit_process, init_distributed  # noqa: E402
 from src.factory import build_optimizer, build_train_step  # noqa: E402
 from src.isqrt_cov import ISqrtCov  # noqa: E402
+from src.models.preprocess import InputNormalize  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
 
 
 class NoBNNet(nn.Cell):
-    def __init__(self, num_classes):
+    def __init__(self, num_classes, mean, std):
         super().__init__()
+        self.norm = InputNormalize(mean, std)  # the pipeline delivers uint8, as to the project's networks
         self.conv = nn.Conv2d(3, 6, 3, stride=2, has_bias=True)
         self.relu = nn.ReLU()
         self.rep = ISqrtCov(6, dimension_reduction=None, iter_num=3)
         self.fc = nn.Dense(self.rep.output_dim, num_classes)
 
     def construct(self, x):
-        return self.fc(self.rep(self.relu(self.conv(x))))
+        return self.fc(self.rep(self.relu(self.conv(self.norm(x)))))
 
 
 def main(data_path, out_dir, run_distribute, device_num):
@@ -45,11 +47,11 @@ def main(data_path, out_dir, run_distribute, device_num):
     dist = init_distributed(cfg)
     cfg.batch_size = GLOBAL_BATCH // dist.group_size
     ms.set_seed(0)
-    net = NoBNNet(cfg.num_classes)
+    net = NoBNNet(cfg.num_classes, cfg.mean, cfg.std)
     data = create_dataset(os.path.join(data_path, "train"), cfg, training=False, num_shards=dist.group_size,
                           shard_id=dist.rank)
     step = build_train_step(cfg, net, build_optimizer(cfg, net, np.full(STEPS, 0.05, np.float32)))
-    for i, (images, labels) in enumerate(data.create_tuple_iterator(num_epochs=1)):
+    for i, (images, labels) in enumerate(data.epoch()):
         if i == STEPS:
             break
         step(images, labels, ms.Tensor(0.0, ms.float32))

@@ -19,6 +19,7 @@ from mindspore.common.initializer import Uniform
 
 from src.bilinear import BCNN, CBP
 from src.isqrt_cov import ISqrtCov
+from src.models.preprocess import InputNormalize
 from src.models.resnet import RESNETS, ResNetBackbone
 from src.models.vgg import MLPClassifier, vgg16_bn
 
@@ -103,10 +104,13 @@ class ClassificationNet(nn.Cell):
     Attributes: ``arch``, ``head``, ``num_classes``, ``classifier_kind`` ("linear" or "mlp");
     ``classifier_prefix`` ("fc." or "classifier.") is the name prefix of the classifier's parameters
     (its own learning rate in finetuning, or skipped when loading weights for another number of
-    classes)."""
+    classes). ``input_norm``: an InputNormalize the images pass first (build_network's networks take
+    uint8 images), or None for inputs normalised already."""
 
-    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear"):
+    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear",
+                 input_norm=None):
         super().__init__(auto_prefix=False)
+        self.input_norm = input_norm if input_norm is not None else nn.Identity()
         self.features = features
         self.representation = representation
         self.classifier = CLASSIFIERS[classifier](representation.output_dim, num_classes)
@@ -117,7 +121,7 @@ class ClassificationNet(nn.Cell):
         self.num_classes = num_classes
 
     def forward_features(self, x):
-        return self.features(x)
+        return self.features(self.input_norm(x))
 
     def forward_head(self, f):
         return self.classifier(self.representation(f))
@@ -140,7 +144,7 @@ def resolve_classifier(arch, head, classifier="auto"):
     return "mlp" if head in ARCHS[arch].mlp_heads else "linear"
 
 
-def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
+def create_model(arch, head, num_classes, classifier="auto", mean=None, std=None, **head_kwargs):
     """Build ``arch`` (resnet18/34/50/101/152, vgg16_bn) with ``head`` (a HEADS key) and a
     ``classifier`` ("auto", "linear" or "mlp", see resolve_classifier).
 
@@ -151,7 +155,9 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
     Newton-Schulz square root, upper triangle, FC; "vgg16_bn" + "isqrt_cov" is its mpncovvgg16_bn
     (VGG-16-BN features without the last max-pool, the same head, classifier 32896 -> 4096 ->
-    4096 -> classes). Unknown names raise ValueError listing the valid ones.
+    4096 -> classes). ``mean``/``std`` (0-255 scale): the network takes 0-255 images (uint8) and
+    normalises them first (InputNormalize); None: it takes normalised float images. Unknown names
+    raise ValueError listing the valid ones.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {_choices(ARCHS)}")
@@ -167,4 +173,6 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     kind = resolve_classifier(arch, head, classifier)
     features = ARCHS[arch].build(last_stride=last_stride)
     representation = build(features.out_channels, **{**defaults, **head_kwargs})
-    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind)
+    norm = InputNormalize(mean, std) if mean is not None or std is not None else None
+    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind,
+                             input_norm=norm)
