@@ -24,7 +24,8 @@ class _Key:
 _K = _Key
 SCHEMA = [
     _K("config_path", "", "str", "YAML file with the run's settings (relative paths: from the working directory)"),
-    _K("data_path", "", "str", "dataset root holding train/ and val/ class folders (ImageNet layout)"),
+    _K("data_path", "", "str", "dataset root holding the train_split and val_split folders of class folders "
+       "(ImageNet layout)"),
     _K("train_split", "train", "str", "training folder of class folders, under data_path"),
     _K("val_split", "val", "str", "validation folder of class folders, under data_path (eval.py evaluates it)"),
     _K("output_path", "./output", "str", "folder for checkpoints, logs, metrics and the saved config"),
@@ -65,7 +66,8 @@ SCHEMA = [
     _K("std", IMAGENET_STD, "float_list", "per-channel RGB std, 0-255 scale"),
     _K("batch_size", 40, "int", "images per device per step"),
     _K("lr_base_batch", 160, "int", "total batch the lr is tuned for: lr is scaled by batch_size*device_num/lr_base_batch"),
-    _K("num_parallel_workers", 8, "int", "data pipeline workers (capped at the CPU count)"),
+    _K("num_parallel_workers", 8, "int", "data pipeline workers per machine, divided among its ranks (each at most "
+       "its share of the CPUs)"),
     _K("prefetch_size", 16, "int", "rows each pipeline stage buffers ahead"),
     _K("bad_image_mode", "replace", "str",
        "undecodable images: replace (by another sample; keeps shards equal), skip, or error (stop)",

@@ -58,13 +58,18 @@ def test_train_step_tiny(tmp_path):
 
 
 def test_data_pipeline_tiny(tmp_path):
-    r = _run("data_pipeline.py", ["--images", "16", "--batch", "4", "--workers", "1", "--repeats", "1",
-                                  "--data_dir", str(tmp_path / "jpegs")], tmp_path)
+    r = _run("data_pipeline.py", ["--images", "16", "--batch", "4", "--workers", "1", "--repeats", "1", "--epochs", "1",
+                                  "--data_dir", str(tmp_path / "jpegs"), "--scan_files", "300",
+                                  "--scan_dir", str(tmp_path / "scan")], tmp_path)
     assert r["config"]["images"] == 16 and r["config"]["workers"] == [1]
-    for pipeline in ("project", "pillow"):
+    for pipeline in ("unprotected", "project", "per_read_check", "pillow"):
         e = r["pipelines"][pipeline]["1"]
         assert e["images_per_epoch"] == 16 and e["images_per_s"] > 0 and e["steady_images_per_s"] > 0
-    assert set(r["project_over_pillow"]) == {"1"}
+    assert set(r["over_unprotected"]) == {"project", "per_read_check", "pillow"}
+    assert r["check"]["files"] == 16 and r["check"]["fraction_of_one_epoch"]["1"] > 0
+    scan = r["scan"]
+    assert scan["files"] == 300 and scan["classes"] == 300 and scan["refused"] == 0
+    assert min(scan["scan_s"], scan["check_s"], scan["rebuild_per_epoch_before_s"], scan["order_per_epoch_s"]) > 0
     jpegs = [f for _, _, files in os.walk(tmp_path / "jpegs") for f in files]
     assert len(jpegs) == 16 and all(f.endswith(".jpg") for f in jpegs)
 
