@@ -154,11 +154,10 @@ class FolderPipeline:
         epoch = self._next if epoch is None else epoch
         if epoch != self._next:
             raise RuntimeError(f"FolderPipeline serves epochs in order: asked for {epoch}, next is {self._next}")
-        self._next += 1
+        self._next, self._open = self._next + 1, True
         return self._batches()
 
     def _batches(self):
-        self._open = True
         for batch in self._iterator:  # MindSpore ends each epoch with StopIteration
             yield batch
         self._open = False
