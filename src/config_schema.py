@@ -65,7 +65,10 @@ SCHEMA = [
     _K("mean", IMAGENET_MEAN, "float_list", "per-channel RGB mean, 0-255 scale"),
     _K("std", IMAGENET_STD, "float_list", "per-channel RGB std, 0-255 scale"),
     _K("batch_size", 40, "int", "images per device per step"),
-    _K("lr_base_batch", 160, "int", "total batch the lr is tuned for: lr is scaled by batch_size*device_num/lr_base_batch"),
+    _K("grad_accumulation_steps", 1, "int", "micro-batches of batch_size per update (steps and epochs count "
+       "updates): each update sees batch_size*device_num*grad_accumulation_steps images"),
+    _K("lr_base_batch", 160, "int", "total batch the lr is tuned for: lr is scaled by "
+       "batch_size*device_num*grad_accumulation_steps/lr_base_batch"),
     _K("num_parallel_workers", 8, "int", "data pipeline workers per machine, divided among its ranks (each at most "
        "its share of the CPUs)"),
     _K("prefetch_size", 16, "int", "rows each pipeline stage buffers ahead"),
@@ -122,6 +125,7 @@ _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "boo
 # Lower bounds of integer / float keys (inclusive), checked after merging.
 _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimension_reduction": 0, "proj_dim": 2,
         "image_size": 1, "batch_size": 1, "lr_base_batch": 1, "num_parallel_workers": 1, "prefetch_size": 1,
+        "grad_accumulation_steps": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
         "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1, "log_interval": 1,

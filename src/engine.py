@@ -36,6 +36,7 @@ from src.factory import build_network, build_optimizer, build_train_step
 from src.ranks import Ranks
 from src.run_log import MetricsWriter, format_eta, setup_logger
 from src.schedules import create_lr_schedule
+from src.train_step import micro_batches
 
 # A step whose gradients overflow is skipped by the loss scaler; this many in a row means the
 # run has diverged rather than the scale being too high.
@@ -57,7 +58,8 @@ class Trainer:
         self.stop_signal = 0
         self.best_top1 = -1.0
         self._overflows = 0  # consecutive overflowing steps
-        self.global_batch = cfg.batch_size * self.dist.group_size
+        self.accumulation = cfg.grad_accumulation_steps  # micro-batches per update; steps count updates
+        self.global_batch = cfg.batch_size * self.dist.group_size * self.accumulation  # images per update
         ms.set_seed(cfg.seed)
 
     # ----------------------------------------------------------------- set-up (agreed by all ranks)
@@ -109,7 +111,7 @@ class Trainer:
             cfg = self.cfg
             self._pipelines[training] = FolderPipeline(
                 self.files[training], cfg, training, self.bad[training], self.dist.group_size, self.dist.rank,
-                cfg.seed, local_rank_count(), cfg.max_steps_per_epoch if training else 0)
+                cfg.seed, local_rank_count(), cfg.max_steps_per_epoch * self.accumulation if training else 0)
         return self._pipelines[training]
 
     def _build(self):
@@ -119,10 +121,10 @@ class Trainer:
             self.log.info(load_pretrained(self.net, cfg.pre_trained))
         if cfg.freeze_layers:  # before the optimizer: frozen parameters are not among its weights
             self.log.info(freeze_layers(self.net, cfg.freeze_layers))
-        size = self._dataset(True).get_dataset_size()
+        size = self._dataset(True).get_dataset_size() // self.accumulation
         if size == 0:
-            raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size}: "
-                            "lower --batch_size")
+            raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size} x "
+                            f"grad_accumulation_steps={self.accumulation}: lower --batch_size")
         self.steps_per_epoch = min(size, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else size
         self.lr = create_lr_schedule(cfg, self.steps_per_epoch)
         self.optimizer = build_optimizer(cfg, self.net, self.lr)
@@ -145,6 +147,7 @@ class Trainer:
                 "--device_num and --batch_size it was written with, or use --pre_trained to keep only its weights")
         self.best_top1 = float(meta.get("best_top1", -1.0))
         self.optimizer.global_step.set_data(ms.Tensor([epoch * spe + step], ms.int32))
+        self.train_step.reset_cache()  # the loaded statistics are the ones to fall back on
         return epoch, step
 
     # ----------------------------------------------------------------- run
@@ -223,13 +226,14 @@ class Trainer:
         epoch_start = time.time()
         losses, applied, pending, stop = [], [], None, 0
         step = first_step - 1
-        batches = enumerate(self._dataset(True).epoch(epoch, first_step), start=first_step)
+        batches = self._dataset(True).epoch(epoch, first_step * self.accumulation)
+        batches = enumerate(micro_batches(batches, self.accumulation), start=first_step)
         with pipeline_errors():
-            for step, (images, labels) in batches:
+            for step, micro in batches:
                 if step >= spe:
                     step -= 1
                     break
-                out = self.train_step(images, labels, self._stop_tensor())
+                out = self.train_step.run(micro, self._stop_tensor())
                 if pending is not None:  # the previous step's control, read while this one runs
                     stop = self._check(pending, epoch, step - 1, applied)
                 pending = out[1]
@@ -243,7 +247,7 @@ class Trainer:
         done = step + 1
         if stop and done < spe:
             self._on_main("saving latest.ckpt", lambda: self._finite_weights() and
-                          self.ckpt.save_latest(self.train_step, self._meta(epoch, done)))
+                          self.ckpt.save_latest(self.train_step.training_state(), self._meta(epoch, done)))
             self.log.info(f"signal {stop}: saved {self.ckpt.latest} at epoch {epoch + 1} step {done}; "
                           f"continue with --resume_ckpt={self.ckpt.latest}")
             return 128 + stop
@@ -256,8 +260,11 @@ class Trainer:
 
     def _check(self, control, epoch, step, applied):
         """Act on a step's control vector (the same on every rank); returns the agreed stop signal."""
-        overflow, stop, scale = (float(v) for v in control.asnumpy())
+        overflow, stop, scale, poisoned = (float(v) for v in control.asnumpy())
         applied.append(not overflow)
+        if poisoned:  # this rank's BatchNorm statistics went non-finite: back to the last finite ones
+            self.train_step.restore_statistics()
+            self.log.warning(f"epoch {epoch + 1} step {step + 1}: non-finite BatchNorm statistics restored")
         if not overflow:
             self._overflows = 0
             return int(stop)
@@ -313,7 +320,7 @@ class Trainer:
             meta = self._meta(epoch, self.steps_per_epoch, top1)
             if improved or not self.has_val:  # no val set: best = last
                 self.ckpt.save_best(self.net, meta)
-            self.ckpt.save_latest(self.train_step, meta)
+            self.ckpt.save_latest(self.train_step.training_state(), meta)
             if self.cfg.save_every_epochs > 0 and (epoch + 1) % self.cfg.save_every_epochs == 0:
                 self.ckpt.save_epoch(self.net, epoch + 1, meta)
         self.metrics.add(row)

@@ -3,7 +3,8 @@ under mpirun/msrun) instead of ``python train.py ARGS``; each hook is switched o
 variable and patches the project from outside before train.main runs.
 
 - ISQRT_COV_INJECT_NAN_STEP="G" or "G@R": the training images of global step G are multiplied by NaN
-  (on rank R only), as a corrupt batch or a float16 overflow would make them.
+  (on rank R only), as a corrupt batch or a float16 overflow would make them. With gradient
+  accumulation G counts micro-batches (update G // grad_accumulation_steps).
 - ISQRT_COV_DUMP_WEIGHTS=DIR: every rank saves its initial and final parameters as
   DIR/rank_<r>_initial.npz and DIR/rank_<r>.npz.
 - ISQRT_COV_RANK0_DELAY=S: rank 0 sleeps S seconds after its first epoch-end checkpoint, as a slow
@@ -23,7 +24,7 @@ CHECKPOINT_DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
 
 
 class _NaNDataset:
-    """The training pipeline (src.data.FolderPipeline), its batch of global step ``target`` multiplied by NaN."""
+    """The training pipeline (src.data.FolderPipeline), its batch number ``target`` of the run multiplied by NaN."""
 
     def __init__(self, pipeline, trainer, target):
         self.pipeline, self.trainer, self.target = pipeline, trainer, target
@@ -32,7 +33,7 @@ class _NaNDataset:
         return getattr(self.pipeline, name)
 
     def epoch(self, epoch, first_batch=0, **kwargs):
-        first = epoch * self.trainer.steps_per_epoch + first_batch
+        first = epoch * self.trainer.steps_per_epoch * self.trainer.accumulation + first_batch
         for i, (images, labels) in enumerate(self.pipeline.epoch(epoch, first_batch, **kwargs)):
             yield (images * float("nan") if first + i == self.target else images), labels
 

@@ -41,19 +41,25 @@ def _assert_same(a, b, rtol, atol, names=None):
         np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
-def _worker(data, out, launcher, distributed, tmp_path):
+def _worker(data, out, launcher, distributed, tmp_path, accumulation=1):
     cmd = list(launcher) + [sys.executable if not launcher or launcher[0] == "mpirun" else ""]
     cmd = [c for c in cmd if c] + [os.path.join(ROOT, "tests", "dist_worker.py"), data, out, str(distributed),
-                                   "2" if distributed else "1"]
+                                   "2" if distributed else "1", str(accumulation)]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_no_bn_network_matches_single_process_under_mpirun_and_msrun(data, tmp_path):
+    """The gradient all-reduce in three fusion groups (classifier, last stage, first stage), as
+    src.distributed.split_gradient_fusion splits every backbone: the same result as one process over
+    the same global batch of 8, also when msrun's ranks make each update of 2 micro-batches of 2."""
+    from src.distributed import split_gradient_fusion
+    from tests.dist_worker import NoBNNet
+    assert split_gradient_fusion(NoBNNet(3)) == [2, 2, 2]
     single, mpi, ms_out = (str(tmp_path / n) for n in ("single", "mpi", "msrun"))
     _worker(data, single, (), False, tmp_path)
     _worker(data, mpi, MPIRUN, True, tmp_path)
-    _worker(data, ms_out, _msrun(str(tmp_path / "mslog")), True, tmp_path)
+    _worker(data, ms_out, _msrun(str(tmp_path / "mslog")), True, tmp_path, accumulation=2)
     ref = _load(os.path.join(single, "rank_0.npz"))
     for out in (mpi, ms_out):
         r0, r1 = _load(os.path.join(out, "rank_0.npz")), _load(os.path.join(out, "rank_1.npz"))

@@ -184,7 +184,7 @@ def test_dynamic_loss_scale_skips_overflow_halves_and_grows_back():
     for _ in range(steps):
         before = _trainable(net)
         loss, control = step(x, y, ms.Tensor(0.0, ms.float32))
-        overflow, _, scale = control.asnumpy()
+        overflow, _, scale, _ = control.asnumpy()
         overflow = bool(overflow)
         after = _trainable(net)
         assert float(scale) == expected and np.isfinite(loss.asnumpy())
@@ -322,7 +322,7 @@ def test_float16_runs_stop_after_50_overflows_in_a_row_float32_at_the_first(dyna
     from src.errors import TrainingStopped
     assert MAX_CONSECUTIVE_OVERFLOWS == 50
     t = _bare_trainer(True, dynamic)
-    over, good = ms.Tensor([1.0, 0.0, 1024.0]), ms.Tensor([0.0, 0.0, 1024.0])
+    over, good = ms.Tensor([1.0, 0.0, 1024.0, 0.0]), ms.Tensor([0.0, 0.0, 1024.0, 0.0])
     applied = []
     for _ in range(49):
         assert t._check(over, 0, 0, applied) == 0
@@ -334,7 +334,7 @@ def test_float16_runs_stop_after_50_overflows_in_a_row_float32_at_the_first(dyna
     assert applied == [False] * 49 + [True] + [False] * 50
     f32 = _bare_trainer(False, False)
     with pytest.raises(TrainingStopped, match="non-finite loss, gradients or BatchNorm statistics"):
-        f32._check(ms.Tensor([1.0, 0.0, 1.0]), 0, 0, [])
+        f32._check(ms.Tensor([1.0, 0.0, 1.0, 0.0]), 0, 0, [])
 
 
 @pytest.mark.parametrize("level", ["O1", "O2", "O3"])
