@@ -18,6 +18,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn  # noqa: E402
 
 from src.config import load_config  # noqa: E402
+from src.config_schema import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from src.data import create_dataset  # noqa: E402
 from src.distributed import exit_process, init_distributed  # noqa: E402
 from src.factory import build_optimizer, build_train_step  # noqa: E402
@@ -34,7 +35,7 @@ class NoBNNet(nn.Cell):
     classifier: the layout src.distributed.split_gradient_fusion splits into three all-reduce groups.
     Its input is uint8, as the pipeline delivers it to the project's networks: normalised first."""
 
-    def __init__(self, num_classes, mean, std):
+    def __init__(self, num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.norm = InputNormalize(mean, std)
         self.features = nn.Cell()
