@@ -28,7 +28,6 @@ import argparse
 import collections
 import glob
 import importlib.util
-import json
 import os
 import platform
 import re

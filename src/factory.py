@@ -1,6 +1,5 @@
 """Builders shared by train.py, eval.py, export.py and the benchmarks: config -> network, loss,
 optimizer and training step. One place, so the scripts hold no if/elif chains of their own."""
-import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 

@@ -19,7 +19,7 @@ from src.factory import build_optimizer, build_train_step, resolve_amp_level
 from src.models import create_model
 from src.models.network import ClassificationNet, GlobalAvgPool
 from src.precision import apply_precision, check_float32, find_representation
-from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, tiny_flags
+from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, stop_when_logged, tiny_flags
 
 FEATURES = (2, 512, 4, 4)  # ResNet-18's layer4 output, the representation's input
 DIM = 8
@@ -228,13 +228,7 @@ def test_train_py_o2_end_to_end_evaluates_and_resumes(data, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + tiny_flags(data, out, **flags)
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 2/2 step 2/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    log = "".join(lines) + proc.communicate(timeout=300)[0]
+    log = stop_when_logged(proc, "epoch 2/2 step 2/")
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "amp_level=O2 on CPU" in log and "not for speed" in log
     ckpt = os.path.join(out, "ckpt")

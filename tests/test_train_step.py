@@ -17,7 +17,7 @@ from src.isqrt_cov import ISqrtCov
 from src.models import create_model
 from src.schedules import create_lr_schedule
 from src.train_step import TrainStep
-from tests.helpers import ENV, ROOT, make_image_folder, tiny_flags
+from tests.helpers import ENV, ROOT, make_image_folder, stop_when_logged, tiny_flags
 
 
 def _fc(net):
@@ -182,13 +182,7 @@ def test_train_py_counts_updates_stops_and_resumes_with_accumulation(tmp_path):
 
     out = str(tmp_path / "stopped")
     proc = _train(data, out, tmp_path, **flags)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 2/2 step 1/4" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    log = "".join(lines) + proc.communicate(timeout=300)[0]
+    log = stop_when_logged(proc, "epoch 2/2 step 1/4")
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     latest = os.path.join(out, "ckpt", "latest.ckpt")
     state = ms.load_checkpoint(latest)
