@@ -15,6 +15,7 @@ import mindspore as ms
 from src.errors import CheckpointError, first_line, name_list
 from src.run_log import atomic_write, remove_stale_temporaries, write_json
 from src.models.ms_layouts import rename_ms_params
+from src.train_step import CACHE_PREFIX
 
 
 # name prefixes of every classifier kind of src.models (one fc; VGG's classifier.0/3/6 MLP)
@@ -154,7 +155,8 @@ def load_train_state(train_cell, path, net):
     config's (a longer epoch_size extends it), and the caller sets the optimizer's step."""
     params, meta = read_checkpoint(path)
     match_network(net, params, path)
-    state_names = {p.name for p in train_cell.get_parameters() if not p.name.startswith("learning_rate")}
+    state_names = {p.name for p in train_cell.get_parameters()
+                   if not p.name.startswith(("learning_rate", CACHE_PREFIX))}
     absent = sorted(n for n in state_names if n not in params)
     if absent:
         raise CheckpointError(f"checkpoint '{path}' holds no training state ({name_list(absent, 4)} missing): "

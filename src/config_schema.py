@@ -24,7 +24,10 @@ class _Key:
 _K = _Key
 SCHEMA = [
     _K("config_path", "", "str", "YAML file with the run's settings (relative paths: from the working directory)"),
-    _K("data_path", "", "str", "dataset root holding train/ and val/ class folders (ImageNet layout)"),
+    _K("data_path", "", "str", "dataset root holding the train_split and val_split folders of class folders "
+       "(ImageNet layout)"),
+    _K("train_split", "train", "str", "training folder of class folders, under data_path"),
+    _K("val_split", "val", "str", "validation folder of class folders, under data_path (eval.py evaluates it)"),
     _K("output_path", "./output", "str", "folder for checkpoints, logs, metrics and the saved config"),
     _K("checkpoint_file_path", "", "str",
        "checkpoint to evaluate or export (eval.py / export.py); without --config_path, its folder's config.yaml"),
@@ -72,8 +75,12 @@ SCHEMA = [
     _K("mean", IMAGENET_MEAN, "float_list", "per-channel RGB mean, 0-255 scale"),
     _K("std", IMAGENET_STD, "float_list", "per-channel RGB std, 0-255 scale"),
     _K("batch_size", 40, "int", "images per device per step"),
-    _K("lr_base_batch", 160, "int", "total batch the lr is tuned for: lr is scaled by batch_size*device_num/lr_base_batch"),
-    _K("num_parallel_workers", 8, "int", "data pipeline workers (capped at the CPU count)"),
+    _K("grad_accumulation_steps", 1, "int", "micro-batches of batch_size per update (steps and epochs count "
+       "updates): each update sees batch_size*device_num*grad_accumulation_steps images"),
+    _K("lr_base_batch", 160, "int", "total batch the lr is tuned for: lr is scaled by "
+       "batch_size*device_num*grad_accumulation_steps/lr_base_batch"),
+    _K("num_parallel_workers", 8, "int", "data pipeline workers per machine, divided among its ranks (each at most "
+       "its share of the CPUs)"),
     _K("prefetch_size", 16, "int", "rows each pipeline stage buffers ahead"),
     _K("bad_image_mode", "replace", "str",
        "undecodable images: replace (by another sample; keeps shards equal), skip, or error (stop)",
@@ -132,6 +139,7 @@ _TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "boo
 # Lower bounds of integer / float keys (inclusive), checked after merging.
 _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimension_reduction": 0, "proj_dim": 2,
         "image_size": 1, "batch_size": 1, "lr_base_batch": 1, "num_parallel_workers": 1, "prefetch_size": 1,
+        "grad_accumulation_steps": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
         "classifier_weight_decay": 0.0, "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1,

@@ -33,7 +33,9 @@ class DistInfo:
 def launcher(env=None):
     """The launcher that started this process: "msrun", "mpirun" or None.
 
-    msrun exports MS_ROLE to its workers; mpirun exports OMPI_COMM_WORLD_* (OpenMPI) or PMI_* (MPICH).
+    msrun exports MS_ROLE to its workers; OpenMPI's mpirun exports OMPI_COMM_WORLD_*. MPICH's (and
+    Intel MPI's) mpirun, recognised by PMI_SIZE, is refused: MindSpore's mpirun start-up loads
+    lib/libmpi_collective.so, which links OpenMPI's libmpi.so.40 and its ompi_mpi_* symbols.
     Read before this module joins MindSpore's cluster itself (which sets MS_ROLE under mpirun on CPU).
     """
     env = os.environ if env is None else env
@@ -41,16 +43,28 @@ def launcher(env=None):
         return "mpirun"
     if "MS_ROLE" in env:
         return "msrun"
-    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+    if "OMPI_COMM_WORLD_SIZE" in env:
         return "mpirun"
+    if "PMI_SIZE" in env:
+        raise DeviceError("this mpirun is not OpenMPI's (PMI_SIZE without OMPI_COMM_WORLD_SIZE): MindSpore's "
+                          "mpirun start-up needs OpenMPI (its libmpi_collective.so links libmpi.so.40); launch "
+                          "with OpenMPI's mpirun or with msrun")
     return None
 
 
-def _local_rank(env):
-    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+def local_rank_count(env=None):
+    """Processes of this job on this machine: mpirun's OMPI_COMM_WORLD_LOCAL_SIZE (OpenMPI) or
+    MPI_LOCALNRANKS (MPICH); under msrun (which exports no such variable) MindSpore's count once
+    communication is initialised; else 1. The data pipelines divide the machine's cores by it."""
+    env = os.environ if env is None else env
+    for key in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         if key in env:
-            return int(env[key])
-    return None
+            return max(1, int(env[key]))
+    from mindspore.communication.management import GlobalComm
+    if GlobalComm.INITED:
+        from mindspore.communication import get_local_rank_size
+        return max(1, int(get_local_rank_size()))
+    return 1
 
 
 def choose_device_id(device_target, run_distribute, device_id, env=None):
@@ -72,10 +86,10 @@ def choose_device_id(device_target, run_distribute, device_id, env=None):
     if how == "msrun":
         return None
     if how == "mpirun":
-        local = _local_rank(env)
-        if local is None:
-            raise DeviceError("mpirun did not say which local rank this process is (no OMPI_COMM_WORLD_LOCAL_RANK "
-                              "or MPI_LOCALRANKID): launch with OpenMPI's or MPICH's mpirun, or with msrun")
+        if "OMPI_COMM_WORLD_LOCAL_RANK" not in env:
+            raise DeviceError("mpirun did not say which local rank this process is (no OMPI_COMM_WORLD_LOCAL_RANK): "
+                              "launch with OpenMPI's mpirun, or with msrun")
+        local = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if device_target == "GPU" and "CUDA_VISIBLE_DEVICES" in env and local >= len(visible):
             raise DeviceError(f"local rank {local} needs GPU {local} but CUDA_VISIBLE_DEVICES="
@@ -249,3 +263,27 @@ def init_distributed(cfg):
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=group_size)
     return DistInfo(rank=rank, group_size=group_size, distributed=True)
+
+
+def split_gradient_fusion(net):
+    """Fuse the gradient all-reduce in groups the backward completes one after another, so that
+    exchanging one group overlaps computing the next (the model zoo's ``all_reduce_fusion_config``,
+    e.g. [85, 160] for ResNet-50, set per backbone here): the head (representation + classifier),
+    the last backbone stage, the one before, and the rest. ``Parameter.comm_fusion`` carries the
+    group; nn.DistributedGradReducer gives each gradient's AllReduce that fusion id and the backend
+    fuses the AllReduces of one id into one. Without it every gradient shares id 1: one all-reduce
+    of all 57M values that starts after the whole backward. A network without backbone stages and
+    a head keeps MindSpore's single group. Returns the number of parameters of each group, head first.
+    """
+    from src.freezing import backbone_stages  # the stages freeze_layers counts
+    try:
+        stages = [[p for p in stage if p.requires_grad] for stage in backbone_stages(net)]
+        head = [p for cell in (net.representation, net.classifier) for p in cell.trainable_params()]
+    except AttributeError:
+        return [len(net.trainable_params())]
+    rest = [p for stage in stages[:-2] for p in stage]
+    groups = [g for g in (head, stages[-1], stages[-2] if len(stages) > 1 else [], rest) if g]
+    for fusion_id, group in enumerate(groups, start=2):  # 1: MindSpore's default, left to the others
+        for p in group:
+            p.comm_fusion = fusion_id
+    return [len(g) for g in groups]

@@ -60,13 +60,19 @@ def cosine_lr(lr, epochs, steps_per_epoch, lr_end=0.0, warmup_epochs=0, warmup_l
     return lrs.astype(np.float32)
 
 
+def total_batch(cfg):
+    """Images per update: batch_size x device_num x grad_accumulation_steps."""
+    return int(cfg.batch_size) * int(cfg.device_num) * int(cfg.grad_accumulation_steps)
+
+
 def scaled_lr(cfg):
-    """The linear scaling rule: cfg.lr * batch_size * device_num / lr_base_batch.
+    """The linear scaling rule: cfg.lr * total_batch(cfg) / lr_base_batch.
 
     cfg.lr is the lr tuned for a total batch of cfg.lr_base_batch images; a run with another total
-    batch (per-device batch_size times device_num) scales it proportionally (Goyal et al. 2017).
+    batch (per-device batch_size times device_num times the accumulated micro-batches) scales it
+    proportionally (Goyal et al. 2017).
     """
-    return float(cfg.lr) * int(cfg.batch_size) * int(cfg.device_num) / int(cfg.lr_base_batch)
+    return float(cfg.lr) * total_batch(cfg) / int(cfg.lr_base_batch)
 
 
 def _step_from_cfg(cfg, lr, steps_per_epoch):
@@ -84,7 +90,7 @@ SCHEDULES = {"step": _step_from_cfg, "cosine": _cosine_from_cfg}
 def create_lr_schedule(cfg, steps_per_epoch):
     """Per-step lr array for the whole run (cfg.epoch_size epochs), picked by cfg.lr_schedule.
 
-    The peak lr is scaled_lr(cfg) = cfg.lr * cfg.batch_size * cfg.device_num / cfg.lr_base_batch
+    The peak lr is scaled_lr(cfg) = cfg.lr * total_batch(cfg) / cfg.lr_base_batch
     (linear scaling rule); warmup_lr_init and lr_end are absolute values, not scaled.
     The classifier's group uses this array times cfg.classifier_lr_factor.
     """

@@ -1,5 +1,6 @@
 """Shared test utilities: a tiny ImageNet-style folder and subprocess runners for the CLIs."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -47,3 +48,15 @@ def run_script(script, args, cwd, timeout=600, launcher=(), env=None, check=True
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def stop_when_logged(proc, text, sig=signal.SIGTERM, timeout=300):
+    """Send ``sig`` to ``proc`` (a Popen with text stdout) once a line of its output holds ``text``;
+    returns the whole output after it exits."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            proc.send_signal(sig)
+            break
+    return "".join(lines) + proc.communicate(timeout=timeout)[0]

@@ -19,8 +19,25 @@ def _mpi(rank, local=None, **extra):
 def test_launcher_detection():
     assert launcher({}) is None
     assert launcher(_mpi(1)) == "mpirun"
-    assert launcher({"PMI_SIZE": "2", "MPI_LOCALRANKID": "1"}) == "mpirun"  # MPICH
     assert launcher(dict(MSRUN, RANK_ID="3")) == "msrun"
+
+
+def test_mpich_is_refused_with_the_reason():
+    """MindSpore's mpirun start-up needs OpenMPI: its libmpi_collective.so links libmpi.so.40 (OpenMPI's
+    soname; MPICH's is libmpi.so.12) and OpenMPI's ompi_mpi_comm_world, read here from the installed wheel."""
+    import os
+    import subprocess
+    import mindspore
+    lib = os.path.join(os.path.dirname(mindspore.__file__), "lib", "libmpi_collective.so")
+    needed = subprocess.run(["readelf", "-d", lib], capture_output=True, text=True, check=True).stdout
+    assert "[libmpi.so.40]" in needed
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", lib], capture_output=True, text=True, check=True).stdout
+    assert "ompi_mpi_comm_world" in symbols
+    mpich = {"PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALRANKID": "1"}
+    with pytest.raises(DeviceError, match="needs OpenMPI .*libmpi.so.40.* OpenMPI's mpirun or with msrun"):
+        launcher(mpich)
+    with pytest.raises(DeviceError, match="needs OpenMPI"):
+        choose_device_id("GPU", True, 0, mpich)
 
 
 @pytest.mark.parametrize("rank,local", [(0, 0), (3, 3), (5, 1)])  # the last: second machine, 4 GPUs each

@@ -41,19 +41,25 @@ def _assert_same(a, b, rtol, atol, names=None):
         np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
-def _worker(data, out, launcher, distributed, tmp_path):
+def _worker(data, out, launcher, distributed, tmp_path, accumulation=1):
     cmd = list(launcher) + [sys.executable if not launcher or launcher[0] == "mpirun" else ""]
     cmd = [c for c in cmd if c] + [os.path.join(ROOT, "tests", "dist_worker.py"), data, out, str(distributed),
-                                   "2" if distributed else "1"]
+                                   "2" if distributed else "1", str(accumulation)]
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_no_bn_network_matches_single_process_under_mpirun_and_msrun(data, tmp_path):
+    """The gradient all-reduce in three fusion groups (classifier, last stage, first stage), as
+    src.distributed.split_gradient_fusion splits every backbone: the same result as one process over
+    the same global batch of 8, also when msrun's ranks make each update of 2 micro-batches of 2."""
+    from src.distributed import split_gradient_fusion
+    from tests.dist_worker import NoBNNet
+    assert split_gradient_fusion(NoBNNet(3)) == [2, 2, 2]
     single, mpi, ms_out = (str(tmp_path / n) for n in ("single", "mpi", "msrun"))
     _worker(data, single, (), False, tmp_path)
     _worker(data, mpi, MPIRUN, True, tmp_path)
-    _worker(data, ms_out, _msrun(str(tmp_path / "mslog")), True, tmp_path)
+    _worker(data, ms_out, _msrun(str(tmp_path / "mslog")), True, tmp_path, accumulation=2)
     ref = _load(os.path.join(single, "rank_0.npz"))
     for out in (mpi, ms_out):
         r0, r1 = _load(os.path.join(out, "rank_0.npz")), _load(os.path.join(out, "rank_1.npz"))
@@ -78,8 +84,10 @@ def test_ranks_decide_together_and_a_failure_on_one_rank_stops_all(tmp_path):
 
 
 def _flags(data, out, **kw):
-    """The demo config on the user's own folders (demo_dataset stays 'digits'), two ranks."""
-    return tiny_flags(data, out, run_distribute=True, device_num=2, batch_size=4, demo_dataset="digits", **kw)
+    """The demo config on the user's own folders (demo_dataset stays 'digits'), two ranks. Deterministic
+    crops, so a resumed run (which draws its random crops afresh) can equal the reference run."""
+    return tiny_flags(data, out, run_distribute=True, device_num=2, batch_size=4, demo_dataset="digits",
+                      train_transform="resize_center_crop", train_resize=32, **kw)
 
 
 def _launcher(name, tmp_path):
@@ -110,6 +118,7 @@ def _check_lockstep(out, dump):
     logs = _logs(out)
     for log in logs:  # the user's 3 folders, not the digits demo, on every rank
         assert "3 classes, 6 steps/epoch x 2 epochs, 2 device(s) x batch 4" in log and "epoch 2/2 step 6/6" in log
+        assert "2 process(es) on this machine" in log  # from mpirun's environment, or from msrun through MindSpore
     assert _times(logs[0], "val top-1")[0] <= _times(logs[0], "epoch 2/2 step 1/")[0]
     # rank 1 waited for rank 0's slow epoch-end work (45 s, beyond the CPU collectives' 30 s default)
     assert _times(logs[1], "epoch 2/2 step 1/")[0] - _times(logs[1], "epoch 1: val top-1")[0] >= 40

@@ -59,18 +59,24 @@ def test_train_step_applies_finite_updates_and_refuses_nan(net):
     before = _snapshot(net)
     go = ms.Tensor(0.0, ms.float32)
     loss, control = step(x, y, go)
-    overflow, stop, scale = control.asnumpy()
-    assert np.isfinite(loss.asnumpy()) and overflow == 0 and stop == 0 and scale == 1.0
+    overflow, stop, scale, poisoned = control.asnumpy()
+    assert np.isfinite(loss.asnumpy()) and overflow == 0 and stop == 0 and scale == 1.0 and poisoned == 0
     after = _snapshot(net)
     assert not np.allclose(after["fc.weight"], before["fc.weight"])
     assert int(opt.global_step.asnumpy().item()) == 1
 
+    moments_before = {p.name: p.asnumpy().copy() for p in opt.moments}
     loss, control = step(x * float("nan"), y, ms.Tensor(15.0, ms.float32))
-    assert tuple(control.asnumpy()[:2]) == (1.0, 15.0)  # overflow, and this rank's stop request passed on
+    # overflow, this rank's stop request passed on, and the BN statistics the NaN forward poisoned
+    assert tuple(control.asnumpy()[[0, 1, 3]]) == (1.0, 15.0, 1.0)
+    assert not np.isfinite(net.features.bn1.moving_mean.asnumpy()).all()
+    step.restore_statistics()  # what the loop does when it reads that control
     nan_after = _snapshot(net)
-    # no trace of the skipped step: weights, and BN running statistics the NaN forward had poisoned
+    # no trace of the skipped step: weights, momentum, and the BN running statistics once restored
+    moments = {p.name: p.asnumpy() for p in opt.moments}
+    assert all(np.array_equal(v, moments_before[k]) for k, v in moments.items())
     for name in ("fc.weight", "conv1.weight", "layer_reduce.weight", "bn1.moving_mean", "layer4.1.bn2.moving_variance",
                  "layer_reduce_bn.moving_mean"):
         np.testing.assert_array_equal(nan_after[name], after[name], err_msg=name)
     loss, control = step(x, y, go)  # training goes on from the same state
-    assert np.isfinite(loss.asnumpy()) and control.asnumpy()[0] == 0
+    assert np.isfinite(loss.asnumpy()) and tuple(control.asnumpy()[[0, 3]]) == (0, 0)

@@ -54,7 +54,8 @@ def test_two_stage_backbone_waits_then_trains_and_resumes_in_either_stage(tmp_pa
     head = {p.name for cell in (net.representation, net.classifier) for p in cell.get_parameters()}
     data = make_image_folder(str(tmp_path / "data"))
     flags = dict(pre_trained=start, freeze_backbone_epochs=1, max_steps_per_epoch=2, keep_checkpoint_max=3,
-                 lr_schedule="step", lr_milestones=9)  # a constant lr: the same for any epoch_size
+                 lr_schedule="step", lr_milestones=9,  # a constant lr: the same for any epoch_size
+                 train_transform="resize_center_crop", train_resize=32)  # a resumed run draws random crops afresh
     full = str(tmp_path / "full")
     proc = run_script("train.py", tiny_flags(data, full, epoch_size=3, **flags), cwd=tmp_path)
     assert "freeze_backbone_epochs=1: epoch 2 trains the backbone too (60 parameters" in proc.stdout

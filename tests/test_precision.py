@@ -19,7 +19,7 @@ from src.factory import build_optimizer, build_train_step, resolve_amp_level
 from src.models import create_model
 from src.models.network import ClassificationNet, GlobalAvgPool
 from src.precision import apply_precision, check_float32, find_representation
-from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, tiny_flags
+from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, run_script, stop_when_logged, tiny_flags
 
 FEATURES = (2, 512, 4, 4)  # ResNet-18's layer4 output, the representation's input
 DIM = 8
@@ -184,7 +184,7 @@ def test_dynamic_loss_scale_skips_overflow_halves_and_grows_back():
     for _ in range(steps):
         before = _trainable(net)
         loss, control = step(x, y, ms.Tensor(0.0, ms.float32))
-        overflow, _, scale = control.asnumpy()
+        overflow, _, scale, _ = control.asnumpy()
         overflow = bool(overflow)
         after = _trainable(net)
         assert float(scale) == expected and np.isfinite(loss.asnumpy())
@@ -228,13 +228,7 @@ def test_train_py_o2_end_to_end_evaluates_and_resumes(data, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + tiny_flags(data, out, **flags)
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "epoch 2/2 step 2/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    log = "".join(lines) + proc.communicate(timeout=300)[0]
+    log = stop_when_logged(proc, "epoch 2/2 step 2/")
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "amp_level=O2 on CPU" in log and "not for speed" in log
     ckpt = os.path.join(out, "ckpt")
@@ -322,7 +316,7 @@ def test_float16_runs_stop_after_50_overflows_in_a_row_float32_at_the_first(dyna
     from src.errors import TrainingStopped
     assert MAX_CONSECUTIVE_OVERFLOWS == 50
     t = _bare_trainer(True, dynamic)
-    over, good = ms.Tensor([1.0, 0.0, 1024.0]), ms.Tensor([0.0, 0.0, 1024.0])
+    over, good = ms.Tensor([1.0, 0.0, 1024.0, 0.0]), ms.Tensor([0.0, 0.0, 1024.0, 0.0])
     applied = []
     for _ in range(49):
         assert t._check(over, 0, 0, applied) == 0
@@ -334,4 +328,21 @@ def test_float16_runs_stop_after_50_overflows_in_a_row_float32_at_the_first(dyna
     assert applied == [False] * 49 + [True] + [False] * 50
     f32 = _bare_trainer(False, False)
     with pytest.raises(TrainingStopped, match="non-finite loss, gradients or BatchNorm statistics"):
-        f32._check(ms.Tensor([1.0, 0.0, 1.0]), 0, 0, [])
+        f32._check(ms.Tensor([1.0, 0.0, 1.0, 0.0]), 0, 0, [])
+
+
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_input_normalisation_stays_float32(level):
+    """build_network's networks take uint8 images and normalise them first: at every level that
+    cell computes in float32 (a float16 mean or std would be off by up to 1e-3 of a unit)."""
+    from src.config_schema import IMAGENET_MEAN, IMAGENET_STD
+    from src.models.preprocess import InputNormalize
+    net = create_model("resnet18", "gap", 3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    apply_precision(net, level)
+    norm = [c for _, c in net.cells_and_names() if isinstance(c, InputNormalize)]
+    assert len(norm) == 1 and not norm[0].get_flags().get("fp16")
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 5, 4), dtype=np.uint8)
+    out = norm[0](ms.Tensor(x)).asnumpy()
+    ref = (x - np.reshape(IMAGENET_MEAN, (1, 3, 1, 1))) / np.reshape(IMAGENET_STD, (1, 3, 1, 1))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

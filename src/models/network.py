@@ -21,6 +21,7 @@ from src.bilinear import BCNN, CBP
 from src.dropcov import DropCov
 from src.isice import ISICE
 from src.isqrt_cov import ISqrtCov
+from src.models.preprocess import InputNormalize
 from src.models.resnet import RESNETS, ResNetBackbone
 from src.models.vgg import MLPClassifier, vgg16_bn
 
@@ -122,10 +123,13 @@ class ClassificationNet(nn.Cell):
     Attributes: ``arch``, ``head``, ``num_classes``, ``classifier_kind`` ("linear" or "mlp");
     ``classifier_prefix`` ("fc." or "classifier.") is the name prefix of the classifier's parameters
     (its own learning rate in finetuning, or skipped when loading weights for another number of
-    classes)."""
+    classes). ``input_norm``: an InputNormalize the images pass first (build_network's networks take
+    uint8 images), or None for inputs normalised already."""
 
-    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear"):
+    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear",
+                 input_norm=None):
         super().__init__(auto_prefix=False)
+        self.input_norm = input_norm if input_norm is not None else nn.Identity()
         self.features = features
         self.representation = representation
         self.classifier = CLASSIFIERS[classifier](representation.output_dim, num_classes)
@@ -136,7 +140,7 @@ class ClassificationNet(nn.Cell):
         self.num_classes = num_classes
 
     def forward_features(self, x):
-        return self.features(x)
+        return self.features(self.input_norm(x))
 
     def forward_head(self, f):
         return self.classifier(self.representation(f))
@@ -159,7 +163,7 @@ def resolve_classifier(arch, head, classifier="auto"):
     return "mlp" if head in ARCHS[arch].mlp_heads else "linear"
 
 
-def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
+def create_model(arch, head, num_classes, classifier="auto", mean=None, std=None, **head_kwargs):
     """Build ``arch`` (resnet18/34/50/101/152, vgg16_bn) with ``head`` (a HEADS key) and a
     ``classifier`` ("auto", "linear" or "mlp", see resolve_classifier).
 
@@ -179,7 +183,9 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     linear classifier on every backbone (their authors' finetuned VGG has one). The config keys of
     the same names (src/config_schema.py) reach them through src.factory.head_kwargs; iter_num stays
     iSQRT-COV's (iSICE's inverse square roots have their own count, isice_ns_iter).
-    Unknown names raise ValueError listing the valid ones.
+    ``mean``/``std`` (0-255 scale): the network takes 0-255 images (uint8) and normalises them first
+    (InputNormalize); None: it takes normalised float images. Unknown names raise ValueError listing
+    the valid ones.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {_choices(ARCHS)}")
@@ -195,4 +201,6 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     kind = resolve_classifier(arch, head, classifier)
     features = ARCHS[arch].build(last_stride=last_stride)
     representation = build(features.out_channels, **{**defaults, **head_kwargs})
-    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind)
+    norm = InputNormalize(mean, std) if mean is not None or std is not None else None
+    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind,
+                             input_norm=norm)
