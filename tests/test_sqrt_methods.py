@@ -224,6 +224,22 @@ def test_lya_forward_and_backward_are_the_authors(mode, name, kind):
     assert rel(grad, R.lyapunov_grad(ref, R.frobenius_norm(a), g)) < (5e-4 if kind == "rankdef" else 1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(LYA))
+def test_lya_product_counts(pynative, name):
+    """Products performed, counted at the BatchMatMul primitive: what the registry (and the benchmark)
+    report. MTP: 5 forward by Paterson-Stockmeyer (the authors' power sums: 9); backward 6 per step."""
+    cell, _, pade = LYA[name]
+    net = cell()
+    log = []
+    object.__setattr__(net.fn, "mm", _Counter(net.fn.mm, log))
+    a = covariance("full", np.random.default_rng(62))
+    run(net, a)
+    forward = len(log)
+    log.clear()
+    vjp(net, a, np.ones(a.shape))
+    assert (forward, len(log) - forward) == lyapunov.num_products(pade) == ((4, 47) if pade else (5, 47))
+
+
 # Relative distance of the Lyapunov backward to the true gradient of the forward (finite differences
 # of the float64 formula), measured here: (low, high) bounds around the measured value.
 TRUE_GRADIENT_DISTANCE = {("mtp_lya", "full"): (0.01, 0.1),      # 0.039: the degree-10 series is 1.5% off
