@@ -205,7 +205,7 @@ def main(argv=None):
         p = e.get("products")
         prods = f"{p['forward']}+{p['backward']}" if p else "-"
         frac = f"{e['fraction_of_product_rate']:.2f}" if p else "-"
-        print(f"{key:<20} {e['median_ms']:>10.1f} {e['min_ms']:>8.1f} {prods:>9} {frac:>7} {e["saved_mib"]:>9.2f}  "
+        print(f"{key:<20} {e['median_ms']:>10.1f} {e['min_ms']:>8.1f} {prods:>9} {frac:>7} {e['saved_mib']:>9.2f}  "
               f"{e['finite']}")
     print(f"BatchMatMul {b}x{d}x{d}x{d}: {product_ms:.2f} ms per product, {result['matmul']['gflops']:.0f} GFLOP/s")
     for k, v in ratios.items():
