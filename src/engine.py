@@ -31,6 +31,7 @@ from src.evaluate import EvalNet, evaluate
 from src.freezing import freeze_layers, start_epoch_stage
 from src.factory import build_network, build_optimizer, build_train_step
 from src.ranks import Ranks
+from src.run_env import record_environment
 from src.run_log import MetricsWriter, format_eta, setup_logger
 from src.schedules import create_lr_schedule
 
@@ -155,6 +156,7 @@ class Trainer:
     def _save_run_files(self):
         save_config(self.cfg, os.path.join(self.ckpt.dir, "config.yaml"))
         self.ckpt.write_json("class_names.json", self.classes)
+        record_environment(self.ckpt.dir, self.cfg, self.dist.group_size)  # for scripts/model_description.py
         for path in self.ckpt.removed_temporaries:
             self.log.info(f"removed {path}, left by a process killed while writing")
         for split in [self.train_dir] + ([self.val_dir] if self.has_val else []):

@@ -4,6 +4,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from src.adamw import AdamW
 from src.checkpoint import head_parameter_names
 from src.freezing import backbone_lr
 from src.models import HEADS, create_model
@@ -37,7 +38,7 @@ class NetWithLoss(nn.Cell):
 
 
 def param_groups(cfg, net, lr_per_step):
-    """Momentum groups: the classifier at classifier_lr_factor x lr (finetuning), and optionally
+    """Optimizer groups: the classifier at classifier_lr_factor x lr (finetuning), and optionally
     no weight decay on BatchNorm and biases. Every group carries its own per-step lr array."""
     prefix = getattr(net, "classifier_prefix", "fc.")
     # Only a staged run asks for the head: any Cell with trainable_params can be optimised otherwise.
@@ -52,15 +53,23 @@ def param_groups(cfg, net, lr_per_step):
     for (is_cls, no_decay, staged), params in sorted(groups.items()):
         factor = cfg.classifier_lr_factor if is_cls else 1.0
         lr = backbone_lr(cfg, lr_per_step) if staged else lr_per_step
-        out.append({"params": params, "weight_decay": 0.0 if no_decay else float(cfg.weight_decay),
+        decay = cfg.classifier_weight_decay if is_cls and cfg.classifier_weight_decay is not None else cfg.weight_decay
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else float(decay),
                     "lr": ms.Tensor(lr * factor, ms.float32)})
     return out
 
 
+# cfg.optimizer -> builder(groups, lr, cfg)
+OPTIMIZERS = {
+    "momentum": lambda groups, lr, cfg: nn.Momentum(groups, learning_rate=lr, momentum=float(cfg.momentum)),
+    "adamw": lambda groups, lr, cfg: AdamW(groups, learning_rate=lr),
+}
+
+
 def build_optimizer(cfg, net, lr_per_step):
-    """SGD with momentum (the one optimizer the schema offers) over ``param_groups``."""
+    """The configured optimizer (SGD with momentum, or PyTorch's AdamW: src/adamw.py) over ``param_groups``."""
     groups = param_groups(cfg, net, lr_per_step)
-    return nn.Momentum(groups, learning_rate=ms.Tensor(lr_per_step, ms.float32), momentum=float(cfg.momentum))
+    return OPTIMIZERS[cfg.optimizer](groups, ms.Tensor(lr_per_step, ms.float32), cfg)
 
 
 _unscale = ops.MultitypeFuncGraph("unscale")

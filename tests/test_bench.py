@@ -151,3 +151,18 @@ def test_heads_tiny(tmp_path):
         cases["cbp_gram_512_14"]["forward_matmul_gmac_per_batch"] == 32 * 32 * 196 / 1e9
     assert r["cbp_fft_over_gram"]["512_14"] == pytest.approx(
         cases["cbp_fft_512_14"]["median_ms"] / cases["cbp_gram_512_14"]["median_ms"])
+
+
+def test_heads_tiny_dropcov_isice_and_memory(tmp_path):
+    """The DropCov (training path) and iSICE cases, with --memory's per-case child processes."""
+    r = _run("heads.py", ["--batch", "2", "--scale", "0.0625", "--repeats", "1", "--warmup", "0", "--memory",
+                          "--cases", "isqrt_cov_256_14,dropcov_256_14,isice_256_7"], tmp_path)
+    cases = r["cases"]
+    assert set(cases) == {"isqrt_cov_256_14", "dropcov_256_14", "isice_256_7"}
+    for e in cases.values():
+        assert e["finite"] and e["median_ms"] > 0 and e["output_dim"] == 16 * 17 // 2
+        assert 0 < e["peak_rss_mb"] < 4096
+    assert cases["dropcov_256_14"]["forward_matmul_gmac_per_batch"] == 2 * 16 * 16 * 196 / 1e9
+    # iSICE: the covariance and 5 inverses (7 Newton-Schulz steps, 18 products, and Z Z each) of 16 x 16.
+    assert cases["isice_256_7"]["forward_matmul_gmac_per_batch"] == pytest.approx(
+        2 * (16 * 16 * 49 + 5 * 19 * 16 ** 3) / 1e9)

@@ -18,6 +18,8 @@ from mindspore import nn
 from mindspore.common.initializer import Uniform
 
 from src.bilinear import BCNN, CBP
+from src.dropcov import DropCov
+from src.isice import ISICE
 from src.isqrt_cov import ISqrtCov
 from src.models.resnet import RESNETS, ResNetBackbone
 from src.models.vgg import MLPClassifier, vgg16_bn
@@ -82,6 +84,17 @@ def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="gram"):
     return CBP(in_channels, proj_dim=proj_dim, dimension_reduction=dimension_reduction, method=cbp_method)
 
 
+def _dropcov(in_channels, dimension_reduction=256, dropcov_eca_kernel=3, dropcov_rate_scale=10.0):
+    return DropCov(in_channels, dimension_reduction=dimension_reduction, eca_kernel=dropcov_eca_kernel,
+                   rate_scale=dropcov_rate_scale)
+
+
+def _isice(in_channels, dimension_reduction=256, isice_steps=5, isice_sparsity=0.01, isice_step_size=1.0,
+           isice_ns_iter=7):
+    return ISICE(in_channels, dimension_reduction=dimension_reduction, steps=isice_steps, sparsity=isice_sparsity,
+                 step_size=isice_step_size, ns_iter=isice_ns_iter)
+
+
 # head -> (representation builder, its keyword arguments with defaults, layer4 stride)
 HEADS = {
     "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True,
@@ -90,6 +103,11 @@ HEADS = {
     # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
     "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
     "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "gram"}, 2),
+    # DropCov's resnet*_ACD: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU (src/dropcov.py).
+    "dropcov": (_dropcov, {"dimension_reduction": 256, "dropcov_eca_kernel": 3, "dropcov_rate_scale": 10.0}, 1),
+    # iSICE's main.py: torchvision backbones unchanged (layer4 at stride 2), 1x1 conv to 256 (src/isice.py).
+    "isice": (_isice, {"dimension_reduction": 256, "isice_steps": 5, "isice_sparsity": 0.01, "isice_step_size": 1.0,
+                       "isice_ns_iter": 7}, 2),
 }
 
 
@@ -153,7 +171,15 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
     Newton-Schulz square root, upper triangle, FC; "vgg16_bn" + "isqrt_cov" is its mpncovvgg16_bn
     (VGG-16-BN features without the last max-pool, the same head, classifier 32896 -> 4096 ->
-    4096 -> classes). Unknown names raise ValueError listing the valid ones.
+    4096 -> classes). "dropcov" (src/dropcov.py): dimension_reduction (256), dropcov_eca_kernel (3),
+    dropcov_rate_scale (10); DropCov's resnet*_ACD, layer4 at stride 1, ECA and adaptive channel
+    dropout in training only, covariance, upper triangle, FC. "isice" (src/isice.py):
+    dimension_reduction (256), isice_steps (5), isice_sparsity (0.01), isice_step_size (1.0),
+    isice_ns_iter (7); iSICE's main.py networks, backbone unchanged (layer4 at stride 2). Both take one
+    linear classifier on every backbone (their authors' finetuned VGG has one). The config keys of
+    the same names (src/config_schema.py) reach them through src.factory.head_kwargs; iter_num stays
+    iSQRT-COV's (iSICE's inverse square roots have their own count, isice_ns_iter).
+    Unknown names raise ValueError listing the valid ones.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {_choices(ARCHS)}")
