@@ -16,41 +16,18 @@ from src.isqrt_cov import InvSqrtm, TRACE_EPS, num_products
 from src.matrix_functions import MPALya, MTPLya, SvdPade, lyapunov
 from src.matrix_functions.svd_pade import EPS64, geometric_pade_coefficients
 from tests import sqrt_refs as R
-from tests.test_isqrt_cov import (_Counter, central_fd, mode, pynative, rel, run, spd, vjp)  # noqa: F401
+from tests.test_isqrt_cov import (_Counter, PlainSqrtm, central_fd, mode, np_sqrtm, pynative, rel, run,  # noqa: F401
+                                  spd, vjp)
 
 
 # ---------------------------------------------------------------- Newton-Schulz inverse square root
 
 def np_inv_sqrtm(a, iter_num):
-    """iSICE's iteration: Y0 = A/tr(A), Z0 = I, T = (3I - ZY)/2, Y <- YT, Z <- TZ (the last step Z
-    only), then Z_N / sqrt(tr A)."""
-    eye = np.eye(a.shape[-1])
-    norm = np.trace(a, axis1=1, axis2=2)[:, None, None] + TRACE_EPS
-    y, z = a / norm, np.broadcast_to(eye, a.shape)
-    for k in range(1, iter_num + 1):
-        t = (3 * eye - z @ y) / 2
-        y, z = (y @ t if k < iter_num else None), t @ z
-    return z / np.sqrt(norm)
+    return np_sqrtm(a, iter_num, inverse=True)
 
 
-class PlainInvSqrtm(nn.Cell):
-    """The same iteration for MindSpore autodiff (no bprop), Z0 = I multiplied literally."""
-
-    def __init__(self, iter_num):
-        super().__init__()
-        self.iter_num = iter_num
-
-    def construct(self, a):
-        eye = Tensor(np.eye(a.shape[-1], dtype=np.float32))
-        norm = (a * eye).sum(axis=(1, 2), keepdims=True) + TRACE_EPS
-        y = a / norm
-        z = eye
-        for k in range(1, self.iter_num + 1):
-            t = (3.0 * eye - ops.matmul(z, y)) / 2.0
-            if k < self.iter_num:
-                y = ops.matmul(y, t)
-            z = ops.matmul(t, z)
-        return z / ops.sqrt(norm)
+def PlainInvSqrtm(iter_num):  # noqa: N802 (a Cell factory)
+    return PlainSqrtm(iter_num, inverse=True)
 
 
 @pytest.mark.parametrize("iter_num", [1, 2, 3, 7])
@@ -222,6 +199,22 @@ def test_lya_forward_and_backward_are_the_authors(mode, name, kind):
     # Rank-deficient MPA: Q's condition number is up to 93, so its float32 Cholesky solve loses ~1e-4.
     assert rel(out, ref) < (3e-4 if kind == "rankdef" else 1e-5)
     assert rel(grad, R.lyapunov_grad(ref, R.frobenius_norm(a), g)) < (5e-4 if kind == "rankdef" else 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LYA))
+def test_lya_product_counts(pynative, name):
+    """Products performed, counted at the BatchMatMul primitive: what the registry (and the benchmark)
+    report. MTP: 5 forward by Paterson-Stockmeyer (the authors' power sums: 9); backward 6 per step."""
+    cell, _, pade = LYA[name]
+    net = cell()
+    log = []
+    object.__setattr__(net.fn, "mm", _Counter(net.fn.mm, log))
+    a = covariance("full", np.random.default_rng(62))
+    run(net, a)
+    forward = len(log)
+    log.clear()
+    vjp(net, a, np.ones(a.shape))
+    assert (forward, len(log) - forward) == lyapunov.num_products(pade) == ((4, 47) if pade else (5, 47))
 
 
 # Relative distance of the Lyapunov backward to the true gradient of the forward (finite differences

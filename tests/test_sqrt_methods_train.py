@@ -18,7 +18,7 @@ from src.isqrt_cov import ISqrtCov
 from src.models import create_model
 from src.models.network import ClassificationNet
 from src.precision import apply_precision, check_float32
-from tests.helpers import make_image_folder, run_script, tiny_flags
+from tests.helpers import ROOT, make_image_folder, run_script, tiny_flags
 
 NEW = ("mtp_lya", "mpa_lya", "svd_pade")
 
@@ -139,13 +139,21 @@ def data(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")))
 
 
+# method -> the shipped config its run starts from (tiny sizes and CPU on top): the family's configs,
+# mtp_lya through the --sqrt_method override of its sibling's file, as users are told to.
+RUN_CONFIGS = {"mtp_lya": "resnet50_mpa_lya_imagenet2012_config.yaml", "mpa_lya": "resnet50_mpa_lya_cub200_config.yaml",
+               "svd_pade": "resnet50_svd_pade_imagenet2012_config.yaml"}
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_train_then_eval_export_predict_from_the_run(data, tmp_path, name):
     """--sqrt_method reaches the run's saved config; eval.py (and, for svd_pade, whose Cell pools the
     features itself, export.py and predict.py on the MINDIR) rebuild the same network from the run."""
     out = str(tmp_path / "out")
-    run_script("train.py", tiny_flags(data, out, epoch_size=1, max_steps_per_epoch=3, sqrt_method=name),
-               cwd=tmp_path)
+    config = os.path.join(ROOT, "config", RUN_CONFIGS[name])
+    run_script("train.py", tiny_flags(data, out, config_path=config, arch="resnet18", device_target="CPU",
+                                      pre_trained="", train_resize=32, epoch_size=1, max_steps_per_epoch=3,
+                                      sqrt_method=name), cwd=tmp_path)
     ckpt_dir = os.path.join(out, "ckpt")
     with open(os.path.join(ckpt_dir, "config.yaml")) as f:
         assert yaml.safe_load(f)["sqrt_method"] == name
@@ -160,8 +168,54 @@ def test_train_then_eval_export_predict_from_the_run(data, tmp_path, name):
     if name == "svd_pade":
         run_script("export.py", [f"--checkpoint_file_path={best}"], cwd=tmp_path)
         mindir = os.path.join(out, "resnet18_isqrt_cov.mindir")
-        csv = str(tmp_path / "pred.json")
+        listing = str(tmp_path / "pred.json")
         run_script("predict.py", [f"--mindir={mindir}", f"--predict_path={os.path.join(data, 'val')}",
-                                  f"--predict_output={csv}"], cwd=tmp_path)
-        preds = json.load(open(csv))
-        assert len(preds["predictions"]) == 12
+                                  f"--predict_output={listing}"], cwd=tmp_path)
+        assert len(json.load(open(listing))["predictions"]) == 12
+
+
+# new config -> (its base, the keys it changes): everything else is the base's recipe, which the base's
+# own tests cover; the values are the authors' (config headers).
+NEW_CONFIGS = {
+    "resnet50_mpa_lya_imagenet2012_config.yaml": ("resnet50_imagenet2012_config.yaml", {"sqrt_method": "mpa_lya"}),
+    "resnet50_mpa_lya_cub200_config.yaml": ("resnet50_cub200_config.yaml", {
+        "sqrt_method": "mpa_lya", "pre_trained": "./pretrained/resnet50_mpa_lya_imagenet.ckpt"}),
+    "resnet50_svd_pade_imagenet2012_config.yaml": ("resnet50_imagenet2012_config.yaml", {
+        "sqrt_method": "svd_pade", "batch_size": 32, "epoch_size": 60, "lr": 0.0794, "lr_base_batch": 256,
+        "lr_milestones": [30, 45]}),
+    "resnet50_svd_pade_cub200_config.yaml": ("resnet50_cub200_config.yaml", {
+        "sqrt_method": "svd_pade", "pre_trained": "./pretrained/resnet50_svd_pade_imagenet.ckpt"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_CONFIGS))
+def test_method_configs_are_their_base_recipe_plus_the_authors_changes(name):
+    base, changes = NEW_CONFIGS[name]
+    cfg = load_config(["--config_path", os.path.join(ROOT, "config", name)]).to_dict()
+    ref = load_config(["--config_path", os.path.join(ROOT, "config", base)]).to_dict()
+    differing = {k: v for k, v in cfg.items() if v != ref[k] and k != "config_path"}
+    assert differing == changes
+    net = build_network(load_config(["--config_path", os.path.join(ROOT, "config", name), "--device_target=CPU"]))
+    assert net.representation.sqrt_method == changes["sqrt_method"] and net.representation.output_dim == 32896
+
+
+# ---------------------------------------------------------------- benchmark smoke test
+
+def test_benchmark_script_runs_on_a_tiny_size(tmp_path):
+    """bench/sqrt_methods.py end to end (no speed asserted): runs, product counts, memory, ratios to ns
+    (mtp_lya left out to save time: it shares mpa_lya's code path)."""
+    out = tmp_path / "sqrt_methods.json"
+    proc = run_script(os.path.join("bench", "sqrt_methods.py"),
+                      ["--batch", "2", "--dim", "8", "--hw", "3", "--repeats", "1", "--warmup", "0", "--settle", "0",
+                       "--methods", "ns,mpa_lya,svd_pade", "--out", str(out)], cwd=tmp_path)
+    r = json.loads(out.read_text())
+    assert r["config"]["hw"] == [3] and set(r["cpu"]) >= {"model", "avx512f"}
+    assert set(r["runs"]) == {"ns/meta/3", "ns/sqrt/3", "mpa_lya/meta/3", "mpa_lya/sqrt/3", "svd_pade/meta/3"}
+    for key, e in r["runs"].items():
+        assert e["finite"] and e["median_ms"] > 0 and e["saved_mib"] > 0, key
+    assert r["runs"]["ns/sqrt/3"]["products"] == {"forward": 12, "backward": 24}
+    assert r["runs"]["mpa_lya/sqrt/3"]["products"] == {"forward": 4, "backward": 47}
+    # Lya keeps its output and the norm; ns every iterate (2 + 3 (N - 1) matrices): 8x less at N = 5.
+    assert r["runs"]["ns/sqrt/3"]["saved_mib"] > 5 * r["runs"]["mpa_lya/sqrt/3"]["saved_mib"]
+    assert set(r["speedup_over_ns"]) == {"ns_over_mpa_lya/meta/3", "ns_over_svd_pade/meta/3", "ns_over_mpa_lya/sqrt/3"}
+    assert "ns/meta/3" in proc.stdout

@@ -52,27 +52,37 @@ def sqrt_coefficients(degree=TAYLOR_DEGREE, pade_order=PADE_ORDER, digits=32):
         return tuple(float(v) for v in a), tuple(float(v) for v in p), tuple(float(v) for v in q)
 
 
+def _blocks(coeffs, size=3):
+    return [coeffs[i:i + size] for i in range(0, len(coeffs), size)]
+
+
 def num_products(pade, degree=TAYLOR_DEGREE, pade_order=PADE_ORDER, steps=LYAPUNOV_STEPS):
-    """(forward, backward) d x d x d products: the powers X^2..X^K (MTP) or X^2..X^m (MPA; its
-    Cholesky factorisation and solve are not products), and 6 per Lyapunov step but the last (5)."""
-    forward = (pade_order if pade else degree) - 1
-    return forward, 6 * steps - 1
+    """(forward, backward) d x d x d products: X^2 and X^3, then Horner in X^3 over blocks of three
+    coefficients (Paterson-Stockmeyer: 5 for MTP's degree 10 where the authors' power sums take 9; 2 + 1
+    + 1 for MPA's P and Q, as theirs; the Cholesky factorisation and solve are not products); 6 per
+    Lyapunov step but the last (5)."""
+    per_poly = len(_blocks(range(pade_order + 1 if pade else degree + 1))) - 1
+    return 2 + (2 if pade else 1) * per_poly, 6 * steps - 1
 
 
-def lyapunov_backward(b, c, steps, mm, eye3):
-    """The authors' coupled sign iteration: returns C_steps / 2 from B_0 = b, C_0 = c (B, d, d)."""
+def lyapunov_backward(r, c, steps, mm, eye15):
+    """The authors' coupled sign iteration on R = B / sqrt(2) and C / 2 (the same iterates, fewer
+    element-wise kernels): T = 1.5I - R^2, C <- C T + R (C R - R C), R <- R T. Returns C_steps / 2 from
+    R_0 = B_0 / sqrt(2) and C_0 / 2, (B, d, d) each."""
     for i in range(steps):
-        b2 = mm(b, b)
-        t = eye3 - b2
-        c = (mm(c, t) - mm(b2, c) + mm(mm(b, c), b)) * 0.5
-        if i < steps - 1:  # the last B is never read
-            b = mm(b, t) * 0.5
-    return c * 0.5
+        t = eye15 - mm(r, r)
+        c = mm(c, t) + mm(r, mm(c, r) - mm(r, c))
+        if i < steps - 1:  # the last R is never read
+            r = mm(r, t)
+    return c
 
 
 class _TaylorPadeLyaFn(nn.Cell):
     """Frobenius normalisation, Taylor polynomial (``pade`` False) or Pade approximant, post-
-    compensation; Lyapunov backward. Returns (sqrt(norm) S, norm) with norm = ||A||_F + eps."""
+    compensation; Lyapunov backward. Returns (sqrt(norm) S, norm) with norm = ||A||_F + eps.
+
+    Polynomials are evaluated by Paterson-Stockmeyer (X^2, X^3, then Horner in X^3 over blocks
+    c_0 I + c_1 X + c_2 X^2): the authors' polynomials, in fewer products (MTP: 5 instead of 9)."""
 
     def __init__(self, pade, eps=TRACE_EPS, steps=LYAPUNOV_STEPS):
         super().__init__()
@@ -80,41 +90,50 @@ class _TaylorPadeLyaFn(nn.Cell):
         self.eps = eps
         self.steps = steps
         a, p, q = sqrt_coefficients()
-        self.a, self.p, self.q = a, p, q
+        self.a, self.p, self.q = _blocks(a), _blocks(p), _blocks(q)
         self.mm = ops.BatchMatMul()
         self.eye = ops.Eye()
         self.cholesky = ops.Cholesky()
         self.cholesky_solve = ops.CholeskySolve()
 
+    def poly(self, blocks, eye, x, x2, x3):
+        """sum_k c_k X^k from its coefficients in blocks of three (Paterson-Stockmeyer)."""
+        out = None
+        for block in blocks[::-1]:
+            term = eye * block[0]
+            if len(block) > 1:
+                term = term + x * block[1]
+            if len(block) > 2:
+                term = term + x2 * block[2]
+            out = term if out is None else term + self.mm(x3, out)
+        return out
+
     def construct(self, a):
         b, d, _ = a.shape
         eye = ops.broadcast_to(self.eye(d, d, ms.float32), (b, d, d))
         norm = ops.sqrt(frobenius(a, a)) + self.eps
-        x = eye - a / norm
-        xk = x
+        x = eye - a * (1.0 / norm)
+        x2 = self.mm(x, x)
+        x3 = self.mm(x2, x)
         if self.pade:
-            pm = eye * self.p[0] + x * self.p[1]
-            qm = eye * self.q[0] + x * self.q[1]
-            for k in range(2, len(self.p)):
-                xk = self.mm(xk, x)
-                pm = pm + xk * self.p[k]
-                qm = qm + xk * self.q[k]
+            pm = self.poly(self.p, eye, x, x2, x3)
+            qm = self.poly(self.q, eye, x, x2, x3)
             # Cholesky raises on NaN (CPU): a non-finite sample factorises I instead; its norm keeps it non-finite.
             finite = ops.isfinite(qm.reshape(b, -1).sum(axis=1)).reshape(b, 1, 1)
             qm = ops.where(finite, qm, eye)
             s = self.cholesky_solve(pm, self.cholesky(qm))
         else:
-            s = eye * self.a[0] + x * self.a[1]
-            for k in range(2, len(self.a)):
-                xk = self.mm(xk, x)
-                s = s + xk * self.a[k]
+            s = self.poly(self.a, eye, x, x2, x3)
         return s * ops.sqrt(norm), norm
 
     def bprop(self, a, out, dout):
         b, d, _ = a.shape
-        eye3 = ops.broadcast_to(self.eye(d, d, ms.float32) * 3.0, (b, d, d))
-        root = ops.sqrt(out[1])
-        return (lyapunov_backward(out[0] / root, dout[0] / root, self.steps, self.mm, eye3),)
+        eye15 = ops.broadcast_to(self.eye(d, d, ms.float32) * 1.5, (b, d, d))
+        inv_root = 1.0 / ops.sqrt(out[1])
+        # B_0 = out / sqrt(norm), C_0 = dout / sqrt(norm), scaled for lyapunov_backward.
+        r = out[0] * (inv_root * 0.7071067811865476)
+        c = dout[0] * (inv_root * 0.5)
+        return (lyapunov_backward(r, c, self.steps, self.mm, eye15),)
 
 
 class _LyaSqrtm(nn.Cell):

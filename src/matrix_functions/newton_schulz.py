@@ -152,21 +152,28 @@ class _NewtonSchulzFn(nn.Cell):
         return (da,)
 
 
-class Sqrtm(nn.Cell):
-    """Matrix square root of (B, d, d) SPD matrices by iSQRT: trace pre-normalisation,
-    ``iter_num`` coupled Newton-Schulz steps, post-compensation by sqrt(trace)."""
+class _NewtonSchulzRoot(nn.Cell):
+    """(B, d, d) -> (B, d, d) in the input's dtype, float32 inside; ``inverse`` set by the subclass."""
+
+    inverse = False
 
     def __init__(self, iter_num=5, eps=TRACE_EPS):
         super().__init__()
-        self.iter_num = check_iter_num("Sqrtm", iter_num)
-        self.fn = _NewtonSchulzFn(self.iter_num, eps)
+        self.label = type(self).__name__
+        self.iter_num = check_iter_num(self.label, iter_num)
+        self.fn = _NewtonSchulzFn(self.iter_num, eps, inverse=self.inverse)
 
     def construct(self, x):
-        check_square("Sqrtm", x)
+        check_square(self.label, x)
         return restore(self.fn(to_float32(x))[0], x.dtype)
 
 
-class InvSqrtm(nn.Cell):
+class Sqrtm(_NewtonSchulzRoot):
+    """Matrix square root of (B, d, d) SPD matrices by iSQRT: trace pre-normalisation,
+    ``iter_num`` coupled Newton-Schulz steps, post-compensation by sqrt(trace)."""
+
+
+class InvSqrtm(_NewtonSchulzRoot):
     """Inverse matrix square root of (B, d, d) SPD matrices by the same coupled Newton-Schulz
     iteration: A -> Z_N / sqrt(tr A), with Y_0 = A / tr(A), Z_0 = I, the last step computing only
     Z_N = T_N Z_{N-1} (iSICE's ``Sqrtm``, Rahman et al., CVPR 2023; iter_num = 1 gives
@@ -175,11 +182,4 @@ class InvSqrtm(nn.Cell):
     ``eps`` (1e-20) is added to the trace: an all-zero input gives a finite (huge) result, not
     Inf; callers that want a usable inverse add a ridge first, as iSICE does."""
 
-    def __init__(self, iter_num=5, eps=TRACE_EPS):
-        super().__init__()
-        self.iter_num = check_iter_num("InvSqrtm", iter_num)
-        self.fn = _NewtonSchulzFn(self.iter_num, eps, inverse=True)
-
-    def construct(self, x):
-        check_square("InvSqrtm", x)
-        return restore(self.fn(to_float32(x))[0], x.dtype)
+    inverse = True

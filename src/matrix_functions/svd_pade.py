@@ -22,9 +22,11 @@ e.g. several clamped at eps), where the Inf clamping takes over. So SVD-Pade's K
 1/(s_i - s_j) up to that clamping; tests/test_sqrt_methods.py measures both facts.
 
 The decomposition is MindSpore's ``Eigh`` (the primitive of mindspore.scipy.linalg.eigh, "Supported
-Platforms: GPU, CPU"; float64 kernels on both), one call per sample: it takes 2-D input only, and it
-is about 6x faster than the batched ``ops.svd`` in float64 on CPU. No Ascend kernel: the registry
-refuses svd_pade there.
+Platforms: GPU, CPU"; the GPU plugin registers EighGpuKernelMod for float and double, not run here),
+one call per sample: it takes 2-D input only, and it is about 6x faster than the batched ``ops.svd``
+(Ascend, GPU, CPU) in float64 on CPU. No Ascend kernel: the registry refuses svd_pade there. A
+non-finite sample is decomposed as I (eigensolvers may fail on NaN) and returns NaN, so the training
+step skips it as it does for ns.
 
 The Cell takes the (B, C, H, W) feature map (the covariance must be formed in float64 inside the one
 Cell: mixed precision casts float64 inputs of float32-flagged cells down) and returns the (B, C, C)
