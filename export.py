@@ -1,4 +1,8 @@
-"""Export a checkpoint to MINDIR (or ONNX / AIR) for inference, input 1x3xSxS with S = image_size.
+"""Export a checkpoint to MINDIR (or ONNX / AIR) for inference.
+
+Input contract: uint8 RGB images, 1x3xSxS (S = image_size) on the 0-255 scale, decoded, resized
+and centre-cropped as eval.py does (src/data/pipeline.py eval_ops); the model normalises them with
+the run's mean/std inside (src/models/preprocess.py). Output: float32 logits, 1 x num_classes.
 
     python export.py --checkpoint_file_path=RUN/ckpt/best.ckpt --file_format=MINDIR
 builds the network from the configuration the run saved beside its checkpoint (RUN/ckpt/config.yaml,
@@ -32,7 +36,7 @@ def main(argv=None):
         raise ConfigError(f"file_format must be MINDIR, ONNX or AIR, got '{cfg.file_format}'")
     name = cfg.file_name or os.path.join(cfg.output_path, f"{cfg.arch}_{cfg.head}")
     os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
-    dummy = ms.Tensor(np.zeros((1, 3, cfg.image_size, cfg.image_size), np.float32))
+    dummy = ms.Tensor(np.zeros((1, 3, cfg.image_size, cfg.image_size), np.uint8))  # the input contract
     try:
         ms.export(net, dummy, file_name=name, file_format=fmt)
     except (RuntimeError, TypeError) as exc:

@@ -34,6 +34,8 @@ SETTINGS = {"imagenet": {"num_classes": 1000, "image_size": 224, "classifier": "
 
 _FMC = "fast-MPN-COV README (github.com/jiangtaoxie/fast-MPN-COV)"
 _BCNN = "B-CNN authors' code README (Lin et al., ICCV 2015; vis-www.cs.umass.edu/bcnn), fine-tuned, SVM on the features"
+_DROPCOV = "DropCov README (github.com/mingzeG/DropCov), main results on ImageNet"
+_ISICE = "iSICE README (github.com/csiro-robotics/iSICE), Birds, finetuned with their AdamW protocol"
 # Published accuracies (%), verified in the sources named; (arch, head, dataset) -> [(value, what, source)].
 # ImageNet: single 224 crop, top-1 accuracy = 100 - the published top-1 error.
 REFERENCES = {
@@ -49,6 +51,11 @@ REFERENCES = {
     ("resnet101", "isqrt_cov", "CUB"): [(88.7, "paper", _FMC)],
     ("vgg16_bn", "isqrt_cov", "CUB"): [(87.2, "paper (VGG-D)", _FMC), (87.0, "fast-MPN-COV PyTorch (VGG-D)", _FMC)],
     ("vgg16_bn", "bcnn", "CUB"): [(84.0, "B-CNN [D,D] (VGG-D, no BN)", _BCNN), (84.1, "B-CNN [D,M]", _BCNN)],
+    ("resnet34", "dropcov", "ImageNet"): [(76.81, "top-1 (their GAP ResNet-34: 74.19)", _DROPCOV)],
+    ("resnet50", "dropcov", "ImageNet"): [(78.19, "top-1 (their GAP ResNet-50: 76.02)", _DROPCOV)],
+    ("resnet101", "dropcov", "ImageNet"): [(79.51, "top-1 (their GAP ResNet-101: 77.67)", _DROPCOV)],
+    ("resnet50", "isice", "CUB"): [(85.9, "iSICE (their iSQRT-COV: 84.3)", _ISICE)],
+    ("vgg16_bn", "isice", "CUB"): [(86.5, "iSICE, VGG-16 (their iSQRT-COV: 84.5)", _ISICE)],
     ("vgg16_bn", "cbp", "CUB"): [(84.0, "Tensor Sketch, d = 8192 (VGG-D): NOT VERIFIED from the paper's text "
                                  "(Gao et al., CVPR 2016); a third-party index lists 84.0 and 84.3", "unverified")],
 }

@@ -31,7 +31,8 @@ for p in (ROOT, HERE):
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
 from ms_execution import MultiThreadExecution, tail_cost  # noqa: E402
-from timing import SETTLE_S, cpu_name, first_calls, time_round_robin  # noqa: E402
+from src.run_env import cpu_model  # noqa: E402
+from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "resnet50_imagenet2012_config.yaml")
 
@@ -328,7 +329,7 @@ def main(argv=None):
                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "mode": "GRAPH_MODE",
                    "config_file": os.path.relpath(args.config, ROOT), "mindspore": ms.__version__,
                    "torch": torch.__version__ if torch is not None else None,
-                   "python": platform.python_version(), "machine": cpu_name(), "cpu_count": os.cpu_count()},
+                   "python": platform.python_version(), "machine": cpu_model(), "cpu_count": os.cpu_count()},
         "matmul": mm,
         # The MindSpore part graphs and the matmul carry ms_execution's tail (run on the actor threads
         # as inside a network); this is what the tail alone costs. The whole steps do not carry it.

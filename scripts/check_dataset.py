@@ -1,8 +1,9 @@
 """List every image of a dataset that cannot be decoded, before a long run meets it.
 
-    python scripts/check_dataset.py DATA_PATH [--workers N]
+    python scripts/check_dataset.py DATA_PATH [--workers N] [--train_split train] [--val_split val]
 
-DATA_PATH holds train/ and val/ (or is itself a folder of class folders). Every image file that
+DATA_PATH holds the train and val split folders (train/ and val/ unless --train_split / --val_split
+name others, as the configs' keys of the same names do), or is itself a folder of class folders. Every image file that
 training reads (extensions .jpg .jpeg .png .bmp .tif .tiff, any case, directly in a class folder)
 goes through the pipeline's own checks and a full Pillow decode; files that fail, and files in a
 format MindSpore cannot decode (GIF, WebP renamed to .jpg), are printed one per line as "PATH: reason".
@@ -22,9 +23,9 @@ from src.data import (DatasetError, check_class_match, describe_unread_files, fi
                       scan_image_folder, unread_files)
 
 
-def check_folders(path):
+def check_folders(path, split_names=("train", "val")):
     """Structural problems of the train/val class folders, as messages."""
-    splits = [s for s in ("train", "val") if os.path.isdir(os.path.join(path, s))]
+    splits = [s for s in split_names if os.path.isdir(os.path.join(path, s))]
     problems, classes = [], {}
     for s in splits or [None]:
         d = os.path.join(path, s) if s else path
@@ -32,9 +33,10 @@ def check_folders(path):
             classes[s] = scan_image_folder(d)
         except DatasetError as e:
             problems.append(str(e))
-    if "train" in classes and "val" in classes:
+    train, val = split_names
+    if train in classes and val in classes:
         try:
-            check_class_match(classes["train"], classes["val"])
+            check_class_match(classes[train], classes[val], train, val)
         except DatasetError as e:
             problems.append(str(e))
     return problems, classes
@@ -44,11 +46,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="List unreadable images of an ImageNet-style dataset.")
     parser.add_argument("data_path", help="folder with train/ and val/, or a folder of class folders")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 8)")
+    parser.add_argument("--train_split", default=None, help="training folder under DATA_PATH (default: train)")
+    parser.add_argument("--val_split", default=None, help="validation folder under DATA_PATH (default: val)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.data_path):
         print(f"error: dataset folder not found: {args.data_path}", file=sys.stderr)
         return 2
-    problems, classes = check_folders(args.data_path)
+    splits = (args.train_split or "train", args.val_split or "val")
+    for key in ("train_split", "val_split"):
+        name = getattr(args, key)
+        if name is not None and not os.path.isdir(os.path.join(args.data_path, name)):
+            print(f"error: dataset folder not found: {os.path.join(args.data_path, name)} (--{key}={name})",
+                  file=sys.stderr)
+            return 2
+    problems, classes = check_folders(args.data_path, splits)
     unread = 0
     for p in problems:
         print(f"folder problem: {p}")
@@ -66,7 +77,7 @@ def main(argv=None):
         seen[0] = total
         if tty:
             print(f"\rchecked {done}/{total} images", end="", file=sys.stderr, flush=True)
-    bad = find_unreadable_images(args.data_path, num_workers=args.workers, progress=progress)
+    bad = find_unreadable_images(args.data_path, num_workers=args.workers, progress=progress, splits=splits)
     if tty and seen[0]:
         print(file=sys.stderr)
     for path, reason in bad:

@@ -1,7 +1,13 @@
-r"""Convert a PyTorch checkpoint of fast-MPN-COV or torchvision into a MindSpore .ckpt.
+r"""Convert a PyTorch checkpoint of fast-MPN-COV, DropCov, iSICE or torchvision into a MindSpore .ckpt.
 
     python scripts/convert_torch_checkpoint.py --src model_best.pth.tar --dst model.ckpt \
         --arch resnet50 --head isqrt_cov --num_classes 1000 [--triu_order column]
+    python scripts/convert_torch_checkpoint.py --src r50_acd_best.pth.tar --dst dropcov.ckpt --arch resnet50 --head dropcov
+    python scripts/convert_torch_checkpoint.py --src Results/.../model_best.pth.tar --dst isice_cub.ckpt \
+        --arch resnet50 --head isice --num_classes 200
+
+DropCov's resnet*_ACD (its main.py's checkpoints: layer_reduce, layer_reduce_bn, eca_layer.conv, fc) and
+iSICE's main.py models (features / representation.conv_dr_block / classifier) convert completely.
 
 Reads torchvision ResNets and vgg16_bn, fast-MPN-COV's mpncovresnet50/101 and mpncovvgg16_bn, and
 the checkpoints its main.py writes ({'epoch', 'arch', 'state_dict', 'best_prec1', 'optimizer'},
@@ -33,8 +39,9 @@ def main(argv=None):
     parser.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
     parser.add_argument("--head", default="isqrt_cov", choices=sorted(HEADS))
     parser.add_argument("--num_classes", type=int, default=1000)
-    parser.add_argument("--dimension_reduction", type=int, default=256,
-                        help="channels of the iSQRT-COV 1x1 reduction conv (0: none)")
+    parser.add_argument("--dimension_reduction", type=int, default=None,
+                        help="channels of the head's 1x1 reduction conv (0: none; default: the head's, "
+                             "256 for isqrt_cov, dropcov and isice)")
     parser.add_argument("--triu_order", default="row", choices=TRIU_ORDERS,
                         help="upper-triangle order the fc was trained with: row = fast-MPN-COV's current "
                              "Triuvec; column = its earlier one (published mpncovresnet50-15991845.pth)")

@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# Finetune an ImageNet iSQRT-COV checkpoint on a fine-grained dataset (CUB, Aircraft, Cars).
-usage() {
-  echo "usage: bash $0 DATA_PATH CONFIG_PATH PRETRAINED_CKPT [DEVICE_NUM]"
-  echo "  CONFIG_PATH e.g. ./config/resnet50_cub200_config.yaml; PRETRAINED_CKPT an ImageNet .ckpt"
-  echo "  (a fast-MPN-COV .pth goes through scripts/convert_torch_checkpoint.py first)"
-}
-if [ $# -lt 3 ] || [ $# -gt 4 ]; then usage; exit 1; fi
-DATA_PATH=$1; CONFIG_PATH=$2; PRETRAINED=$3; DEVICE_NUM=${4:-1}
-[ -d "$DATA_PATH" ] || { echo "error: DATA_PATH '$DATA_PATH' is not a folder"; usage; exit 1; }
-[ -f "$CONFIG_PATH" ] || { echo "error: CONFIG_PATH '$CONFIG_PATH' is not a file"; usage; exit 1; }
-[ -f "$PRETRAINED" ] || { echo "error: PRETRAINED_CKPT '$PRETRAINED' is not a file"; usage; exit 1; }
-[[ "$DEVICE_NUM" =~ ^[1-9][0-9]*$ ]] || { echo "error: DEVICE_NUM '$DEVICE_NUM' is not a positive integer"; usage; exit 1; }
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Finetune an ImageNet checkpoint on a fine-grained dataset (CUB, Aircraft, Cars): PRETRAINED_CKPT a
+# MindSpore .ckpt (this project's, mindcv's or the model zoo's ResNet), or a PyTorch one converted by
+# scripts/convert_torch_checkpoint.py.
+#   bash run_finetune_gpu.sh DATA_PATH CONFIG_PATH PRETRAINED_CKPT [DEVICE_NUM]
+USAGE="bash $(basename "$0") DATA_PATH CONFIG_PATH PRETRAINED_CKPT [DEVICE_NUM]"
+. "$(dirname "$0")/launch_args.sh"
+nargs 3 4 $#
+data_root DATA_PATH "$1" train
+need_file CONFIG_PATH "$2"
+need_file PRETRAINED_CKPT "$3"
+N=${4:-1}
+is_count "$N" || fail "DEVICE_NUM '$N' is not a positive integer"
 OUTPUT_PATH=${OUTPUT_PATH:-./output_finetune}
-set -x
-if [ "$DEVICE_NUM" -eq 1 ]; then
-  python "$ROOT/train.py" --config_path="$CONFIG_PATH" --device_target=GPU --data_path="$DATA_PATH" \
-    --pre_trained="$PRETRAINED" --output_path="$OUTPUT_PATH"
+ARGS=(--config_path="$2" --device_target=GPU --data_path="$DATA_ROOT" --pre_trained="$3" --output_path="$OUTPUT_PATH")
+if [ "$N" -eq 1 ]; then
+  set -x
+  python "$ROOT/train.py" "${ARGS[@]}"
 else
-  mpirun --allow-run-as-root -n "$DEVICE_NUM" --output-filename "$OUTPUT_PATH/log_output" --merge-stderr-to-stdout \
-    python "$ROOT/train.py" --config_path="$CONFIG_PATH" --run_distribute=True --device_num="$DEVICE_NUM" \
-    --device_target=GPU --data_path="$DATA_PATH" --pre_trained="$PRETRAINED" --output_path="$OUTPUT_PATH"
+  command -v mpirun >/dev/null || fail "mpirun not found: apt-get install openmpi-bin libopenmpi-dev"
+  mkdir -p "$OUTPUT_PATH"
+  set -x
+  mpirun --allow-run-as-root -n "$N" --output-filename "$OUTPUT_PATH/log_output" --merge-stderr-to-stdout \
+    python "$ROOT/train.py" "${ARGS[@]}" --run_distribute=True --device_num="$N"
 fi

@@ -113,7 +113,8 @@ def _misfit_hint(net, params, absent, reshaped, unexpected, pre_trained):
 
 
 def _is_training_state(name):
-    return (name.startswith(("moments.", "accum.", "learning_rate", "momentum", "global_step",
+    return (name.startswith(("moments.", "accum.", "learning_rate", "momentum", "global_step", "adam_m.", "adam_v.",
+                             "adamw_step",
                              "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
                              "epoch_num", "step_num", "loss_scale"))
             or name in ("global_step", "learning_rate", "momentum"))

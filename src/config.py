@@ -223,6 +223,10 @@ def _check_values(values, sources):
     if values["run_distribute"] and values["bad_image_mode"] == "skip":
         fail("bad_image_mode", "is 'skip', which gives ranks different numbers of batches (one would wait for "
                                "the others forever): use 'replace' (the default) or 'error' with run_distribute")
+    if values["optimizer"] == "adamw" and values["freeze_backbone_epochs"] > 0:
+        fail("freeze_backbone_epochs", "needs optimizer momentum: the second stage would need a fresh AdamW state "
+                                       "(moments and bias correction) for the backbone; finetune in two runs instead "
+                                       "(the second with --pre_trained)")
     if values["train_transform"] != "random_resized_crop" and values["train_resize"] is None:
         fail("train_transform", f"'{values['train_transform']}' needs train_resize (e.g. --train_resize=256)")
 

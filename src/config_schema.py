@@ -24,7 +24,10 @@ class _Key:
 _K = _Key
 SCHEMA = [
     _K("config_path", "", "str", "YAML file with the run's settings (relative paths: from the working directory)"),
-    _K("data_path", "", "str", "dataset root holding train/ and val/ class folders (ImageNet layout)"),
+    _K("data_path", "", "str", "dataset root holding the train_split and val_split folders of class folders "
+       "(ImageNet layout)"),
+    _K("train_split", "train", "str", "training folder of class folders, under data_path"),
+    _K("val_split", "val", "str", "validation folder of class folders, under data_path (eval.py evaluates it)"),
     _K("output_path", "./output", "str", "folder for checkpoints, logs, metrics and the saved config"),
     _K("checkpoint_file_path", "", "str",
        "checkpoint to evaluate or export (eval.py / export.py); without --config_path, its folder's config.yaml"),
@@ -36,18 +39,28 @@ SCHEMA = [
     _K("seed", 1, "int", "random seed for initialisation and data order (epoch e uses seed + e)"),
     _K("arch", "resnet50", "str", "backbone",
        choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16_bn"]),
-    _K("head", "isqrt_cov", "str", "representation: iSQRT-COV pooling, global average pooling, B-CNN "
-       "or compact bilinear pooling", choices=["isqrt_cov", "gap", "bcnn", "cbp"]),
+    _K("head", "isqrt_cov", "str", "representation: iSQRT-COV pooling, global average pooling, B-CNN, "
+       "compact bilinear pooling, DropCov or iSICE", choices=["isqrt_cov", "gap", "bcnn", "cbp", "dropcov", "isice"]),
     _K("num_classes", 1000, "int", "number of classes (must match the class folders)"),
     _K("classifier", "auto", "str", "classifier: auto = fast-MPN-COV's (4096-4096 MLP for vgg16_bn + isqrt_cov, "
        "one linear layer otherwise), linear, or mlp (two hidden layers of 4096, ReLU, dropout 0.5)",
        choices=["auto", "linear", "mlp"]),
-    _K("iter_num", 5, "int", "Newton-Schulz iterations of the matrix square root"),
+    _K("iter_num", 5, "int", "Newton-Schulz iterations of the matrix square root (sqrt_method ns)"),
+    _K("sqrt_method", "ns", "str", "isqrt_cov: matrix square root: ns = Newton-Schulz (iSQRT-COV), mtp_lya / "
+       "mpa_lya = Taylor / Pade with Lyapunov backward (ICLR 2022), svd_pade = float64 eigendecomposition with "
+       "Pade backward (ICCV 2021; GPU/CPU)", choices=["ns", "mtp_lya", "mpa_lya", "svd_pade"]),
     _K("dimension_reduction", None, "int", "channels after a 1x1 conv + BN + ReLU before pooling; 0 = none, "
-       "null = the head's default (isqrt_cov 256, bcnn and cbp 0, as fast-MPN-COV)", optional=True),
+       "null = the head's default (isqrt_cov, dropcov, isice 256; bcnn and cbp 0, as their authors)", optional=True),
     _K("proj_dim", 8192, "int", "cbp: Tensor Sketch dimension (the representation's length)"),
     _K("cbp_method", "gram", "str", "cbp: gram = the Tensor Sketch of X X^T, fft = the same result as the "
        "paper computes it, sketches multiplied through FFTs (slower in MindSpore 2.8)", choices=["gram", "fft"]),
+    _K("dropcov_eca_kernel", 3, "int", "dropcov: kernel of the ECA 1-D conv across channels (odd; DropCov's 3)"),
+    _K("dropcov_rate_scale", 10.0, "float",
+       "dropcov: a in the adaptive dropout rate p = 1 - a / log2(d) * mean cos(ECA weights, covariance row sums)"),
+    _K("isice_steps", 5, "int", "isice: projected-gradient steps of the sparse inverse covariance (iSICE's 5)"),
+    _K("isice_sparsity", 0.01, "float", "isice: l1 weight lambda of the sparse inverse covariance (iSICE's 0.01)"),
+    _K("isice_step_size", 1.0, "float", "isice: step size eta of the first step, decaying linearly to 0 (iSICE's 1.0)"),
+    _K("isice_ns_iter", 7, "int", "isice: Newton-Schulz iterations of each inverse square root (iSICE's 7)"),
     _K("image_size", 224, "int", "side of the square network input (train crop and eval centre crop)"),
     _K("eval_resize", 256, "size", "eval resize before the centre crop: int = shorter side, [h, w] = exact size"),
     _K("train_transform", "random_resized_crop", "str",
@@ -66,7 +79,8 @@ SCHEMA = [
        "updates): each update sees batch_size*device_num*grad_accumulation_steps images"),
     _K("lr_base_batch", 160, "int", "total batch the lr is tuned for: lr is scaled by "
        "batch_size*device_num*grad_accumulation_steps/lr_base_batch"),
-    _K("num_parallel_workers", 8, "int", "data pipeline workers (capped at the CPU count)"),
+    _K("num_parallel_workers", 8, "int", "data pipeline workers per machine, divided among its ranks (each at most "
+       "its share of the CPUs)"),
     _K("prefetch_size", 16, "int", "rows each pipeline stage buffers ahead"),
     _K("bad_image_mode", "replace", "str",
        "undecodable images: replace (by another sample; keeps shards equal), skip, or error (stop)",
@@ -74,9 +88,10 @@ SCHEMA = [
     _K("demo_dataset", "", "str", "'digits': write scikit-learn's digits to data_path first if it has no train/",
        choices=["", "digits"]),
     _K("epoch_size", 65, "int", "number of training epochs"),
-    _K("optimizer", "momentum", "str", "optimizer (SGD with momentum)", choices=["momentum"]),
+    _K("optimizer", "momentum", "str", "momentum = SGD with momentum (weight decay as an L2 term); adamw = PyTorch's "
+       "AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay; momentum unused)", choices=["momentum", "adamw"]),
     _K("momentum", 0.9, "float", "SGD momentum"),
-    _K("weight_decay", 1e-4, "float", "L2 weight decay"),
+    _K("weight_decay", 1e-4, "float", "weight decay: L2 for momentum, decoupled (p <- p (1 - lr wd)) for adamw"),
     _K("no_decay_bn_bias", False, "bool", "exclude BatchNorm parameters and biases from weight decay"),
     _K("lr", 0.1, "float", "peak learning rate for a total batch of lr_base_batch"),
     _K("lr_schedule", "step", "str", "learning-rate schedule", choices=["step", "cosine"]),
@@ -86,6 +101,8 @@ SCHEMA = [
     _K("warmup_lr_init", 0.0, "float", "lr at the first warm-up step (absolute, not scaled)"),
     _K("lr_end", 0.0, "float", "cosine schedule: final lr (absolute, not scaled)"),
     _K("classifier_lr_factor", 1.0, "float", "lr multiplier of the classifier (fast-MPN-COV's classifier_factor)"),
+    _K("classifier_weight_decay", None, "float", "weight decay of the classifier; null = weight_decay "
+       "(fast-MPN-COV finetunes VGG classifiers with 0)", optional=True),
     _K("label_smoothing", 0.0, "float", "label smoothing of the cross-entropy loss"),
     _K("amp_level", "auto", "str", "mixed precision: auto = O2 on GPU/Ascend, O0 on CPU; O1-O3 keep the "
        "meta-layer and the loss in float32", choices=["auto", "O0", "O1", "O2", "O3"]),
@@ -108,7 +125,8 @@ SCHEMA = [
     _K("mindir", "", "str", "predict.py: classify with this exported MINDIR file instead of a checkpoint"),
     _K("max_steps_per_epoch", 0, "int", "stop each epoch after N steps (0 = all; for smoke runs)"),
     _K("freeze_layers", 0, "int",
-       "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks); fast-MPN-COV's freezed_layer"),
+       "do not train the first N backbone stages (ResNet: stem, layer1-4; VGG: conv blocks). fast-MPN-COV's "
+       "--freezed-layer counts modules instead: its 5 on a ResNet (conv1, bn1, relu, maxpool, layer1) is 2 here"),
     _K("freeze_backbone_epochs", 0, "int",
        "two-stage finetuning: train only the head (representation + classifier) for the first N epochs, then all"),
 ]
@@ -124,6 +142,8 @@ _MIN = {"device_id": 0, "device_num": 1, "num_classes": 1, "iter_num": 1, "dimen
         "grad_accumulation_steps": 1,
         "epoch_size": 1, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.0, "lr_gamma": 0.0,
         "warmup_epochs": 0.0, "warmup_lr_init": 0.0, "lr_end": 0.0, "classifier_lr_factor": 0.0,
-        "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1, "log_interval": 1,
-        "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1, "max_steps_per_epoch": 0, "seed": 0,
-        "top_k": 1, "freeze_layers": 0, "freeze_backbone_epochs": 0}
+        "classifier_weight_decay": 0.0, "label_smoothing": 0.0, "loss_scale": 1.0, "loss_scale_window": 1,
+        "log_interval": 1, "eval_interval": 1, "save_every_epochs": 1, "keep_checkpoint_max": 1,
+        "max_steps_per_epoch": 0, "seed": 0, "top_k": 1, "freeze_layers": 0, "freeze_backbone_epochs": 0,
+        "dropcov_eca_kernel": 1, "dropcov_rate_scale": 0.0, "isice_steps": 1, "isice_sparsity": 0.0,
+        "isice_step_size": 0.0, "isice_ns_iter": 1}

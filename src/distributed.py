@@ -52,6 +52,21 @@ def launcher(env=None):
     return None
 
 
+def local_rank_count(env=None):
+    """Processes of this job on this machine: mpirun's OMPI_COMM_WORLD_LOCAL_SIZE (OpenMPI) or
+    MPI_LOCALNRANKS (MPICH); under msrun (which exports no such variable) MindSpore's count once
+    communication is initialised; else 1. The data pipelines divide the machine's cores by it."""
+    env = os.environ if env is None else env
+    for key in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if key in env:
+            return max(1, int(env[key]))
+    from mindspore.communication.management import GlobalComm
+    if GlobalComm.INITED:
+        from mindspore.communication import get_local_rank_size
+        return max(1, int(get_local_rank_size()))
+    return 1
+
+
 def choose_device_id(device_target, run_distribute, device_id, env=None):
     """The device id this process asks MindSpore for (None: MindSpore chooses).
 

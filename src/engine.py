@@ -8,8 +8,9 @@ Design choices that matter for week-long runs on many devices:
 - No per-step host synchronisation. The step returns device tensors; the loop reads the previous
   step's 3-value control vector while the current step runs (the device queue never drains), a
   loss only at log intervals, and the epoch's losses once at its end.
-- The training dataset is rebuilt every epoch with seed = cfg.seed + epoch, so a resumed run sees
-  the same order and skips the steps already done in an interrupted epoch.
+- The data is listed and its files checked once per run (the check split among the ranks); each
+  split's pipeline lives for the whole run and reads epoch e in the order seeded by cfg.seed + e, so
+  a resumed run reads the same images in the same order and skips the steps already done unread.
 - Resume restores weights, momentum, loss scale, epoch and step; the learning-rate schedule is
   always rebuilt from the current config (so epoch_size can be extended).
 """
@@ -22,15 +23,18 @@ import mindspore as ms
 
 from src.checkpoint import CheckpointManager, all_finite, load_pretrained, load_train_state
 from src.config import save_config
-from src.data import (BadImageMonitor, check_class_match, create_dataset, describe_unread_files, pipeline_errors,
-                      prepare_digits, scan_image_folder, shard_samples)
+from src.data import (FileList, FolderPipeline, bad_image_lines, check_class_match, check_lists, data_workers,
+                      describe_unread_files, pipeline_errors, prepare_digits, scan_image_folder, split_dir,
+                      split_verdicts)
+from src.data.bad_images import BadImageMonitor
 from src.data.demo import maybe_prepare_demo
-from src.distributed import init_distributed
+from src.distributed import init_distributed, local_rank_count
 from src.errors import CheckpointError, DataError, TrainingStopped
 from src.evaluate import EvalNet, evaluate
 from src.freezing import freeze_layers, start_epoch_stage
 from src.factory import build_network, build_optimizer, build_train_step
 from src.ranks import Ranks
+from src.run_env import record_environment
 from src.run_log import MetricsWriter, format_eta, setup_logger
 from src.schedules import create_lr_schedule
 from src.train_step import micro_batches
@@ -70,19 +74,46 @@ class Trainer:
         if cfg.demo_dataset and self.ranks.broadcast(made is not None) and not self.dist.is_main:
             prepare_digits(cfg.data_path)  # returns at once where rank 0's files are visible
         self.ranks.agree("reading the dataset folders", self._scan_folders)
+        self._check_images()
+        self._pipelines = {}
 
     def _scan_folders(self):
-        self.train_dir = os.path.join(self.cfg.data_path, "train")
-        self.val_dir = os.path.join(self.cfg.data_path, "val")
+        """List the splits once per run (train_split, and val_split when that folder exists)."""
+        cfg = self.cfg
+        self.train_dir = split_dir(cfg, "train_split")
+        self.val_dir = os.path.join(cfg.data_path, cfg.val_split)
         self.classes = scan_image_folder(self.train_dir)
         self.has_val = os.path.isdir(self.val_dir)
+        self.files = {True: FileList(self.train_dir, self.classes)}
         if self.has_val:
-            check_class_match(self.classes, scan_image_folder(self.val_dir))
+            check_class_match(self.classes, scan_image_folder(self.val_dir), cfg.train_split, cfg.val_split)
+            self.files[False] = FileList(self.val_dir, self.classes)
+        else:
+            self.log.warning(f"no {self.val_dir} (val_split={cfg.val_split!r}): training without evaluation")
 
-    def _dataset(self, training, epoch=0):
-        split = self.train_dir if training else self.val_dir
-        return create_dataset(split, self.cfg, training, num_shards=self.dist.group_size,
-                              shard_id=self.dist.rank, seed=self.cfg.seed + epoch)
+    def _check_images(self):
+        """Check every file once for the run (src.data.bad_images), each rank a share; the sum over
+        ranks gives every rank every verdict. bad_image_mode=error stops here, naming a file."""
+        lists, part, t0 = list(self.files.values()), (self.dist.rank, self.dist.group_size), time.time()
+        codes = self.ranks.agree("checking the image files", lambda: check_lists(lists, part))
+        self.bad = dict(zip(self.files, split_verdicts(lists, self.ranks.sum(codes))))
+        for training, files in self.files.items():
+            for line in bad_image_lines(files, self.bad[training], self.cfg.bad_image_mode):
+                self.log.warning(line)
+        self.bad_images = BadImageMonitor(len(self.bad[True]))
+        local = local_rank_count()
+        self.log.info(f"data: {' and '.join(f'{len(f)} images in {f.split_dir}' for f in lists)}, checked in "
+                      f"{time.time() - t0:.1f} s; {local} process(es) on this machine, "
+                      f"{data_workers(self.cfg.num_parallel_workers, local)} pipeline worker(s) each")
+
+    def _dataset(self, training):
+        """The split's pipeline, built on first use and kept for the run (src.data.FolderPipeline)."""
+        if training not in self._pipelines:
+            cfg = self.cfg
+            self._pipelines[training] = FolderPipeline(
+                self.files[training], cfg, training, self.bad[training], self.dist.group_size, self.dist.rank,
+                cfg.seed, local_rank_count(), cfg.max_steps_per_epoch * self.accumulation if training else 0)
+        return self._pipelines[training]
 
     def _build(self):
         cfg = self.cfg
@@ -140,7 +171,6 @@ class Trainer:
                       f"{self.steps_per_epoch} steps/epoch x {cfg.epoch_size} epochs, "
                       f"{self.dist.group_size} device(s) x batch {cfg.batch_size}")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        self.bad_images = BadImageMonitor().start()
         code = 0
         try:
             for epoch in range(start_epoch, cfg.epoch_size):
@@ -148,7 +178,6 @@ class Trainer:
                 if code:
                     break
         finally:
-            self.bad_images.stop()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         if not code:
@@ -158,6 +187,7 @@ class Trainer:
     def _save_run_files(self):
         save_config(self.cfg, os.path.join(self.ckpt.dir, "config.yaml"))
         self.ckpt.write_json("class_names.json", self.classes)
+        record_environment(self.ckpt.dir, self.cfg, self.dist.group_size)  # for scripts/model_description.py
         for path in self.ckpt.removed_temporaries:
             self.log.info(f"removed {path}, left by a process killed while writing")
         for split in [self.train_dir] + ([self.val_dir] if self.has_val else []):
@@ -194,15 +224,12 @@ class Trainer:
         stage = start_epoch_stage(cfg, self.net, self.optimizer, epoch, first_step)  # freeze_backbone_epochs
         if stage:
             self.log.info(stage)
-        dataset = self._dataset(True, epoch)
-        if first_step:
-            dataset = dataset.skip(first_step * self.accumulation)
         self._tick = (time.time(), first_step)
         epoch_start = time.time()
         losses, applied, pending, stop = [], [], None, 0
         step = first_step - 1
-        batches = enumerate(micro_batches(dataset.create_tuple_iterator(num_epochs=1), self.accumulation),
-                            start=first_step)
+        batches = self._dataset(True).epoch(epoch, first_step * self.accumulation)
+        batches = enumerate(micro_batches(batches, self.accumulation), start=first_step)
         with pipeline_errors():
             for step, micro in batches:
                 if step >= spe:
@@ -278,12 +305,12 @@ class Trainer:
         top1 = None
         if self.has_val and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epoch_size):
             m = evaluate(self.eval_net, self._dataset(False), self.ranks,
-                         num_samples=shard_samples(self.val_dir, self.classes, self.dist.rank, self.dist.group_size))
+                         num_samples=self._dataset(False).num_samples)
             top1 = m["top1"]
             row.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
             self.log.info(f"epoch {epoch + 1}: val top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "
                           f"loss {m['loss']:.4f} ({m['num_images']} images)")
-        for line in self.bad_images.epoch_lines(epoch + 1, cfg.bad_image_mode):  # train and val files
+        for line in self.bad_images.epoch_lines(epoch + 1, cfg.bad_image_mode):
             self.log.warning(line)
         improved = top1 is not None and top1 > self.best_top1
         if improved:

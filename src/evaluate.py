@@ -11,7 +11,10 @@ from src.data import pipeline_errors
 
 
 class EvalNet(nn.Cell):
-    """Eval-mode logits (float32), averaged with the flipped image's when ``flip_average``."""
+    """Eval-mode logits (float32), averaged with the flipped image's when ``flip_average``.
+
+    Images as the network takes them (build_network: uint8 0-255); the mirror image is made in
+    float32 (0-255 values are exact), so no uint8 reverse kernel is needed on any device."""
 
     def __init__(self, net, flip_average=False):
         super().__init__(auto_prefix=False)
@@ -21,7 +24,8 @@ class EvalNet(nn.Cell):
     def construct(self, images):
         logits = ops.cast(self.net(images), ms.float32)
         if self.flip_average:
-            logits = 0.5 * (logits + ops.cast(self.net(ops.flip(images, (3,))), ms.float32))
+            mirror = ops.flip(ops.cast(images, ms.float32), (3,))
+            logits = 0.5 * (logits + ops.cast(self.net(mirror), ms.float32))
         return logits
 
 
@@ -48,17 +52,17 @@ def _add_batch(totals, logits, labels, num_samples):
 def evaluate(eval_net, dataset, ranks=None, progress=False, num_samples=None):
     """Metrics as fractions: {'top1', 'top5', 'loss', 'num_images'} over the whole dataset.
 
-    ``eval_net``: an EvalNet, built once per run (each new one compiles again). ``ranks``: a
-    src.ranks.Ranks whose sum combines the shards of a data-parallel run. ``num_samples``: count only
-    the first this many images of this rank's stream (the rest are the repeats MindSpore pads a
-    shard with)."""
+    ``eval_net``: an EvalNet, built once per run (each new one compiles again). ``dataset``: a
+    src.data.FolderPipeline (its next epoch is read). ``ranks``: a src.ranks.Ranks whose sum combines
+    the shards of a data-parallel run. ``num_samples``: count only the first this many images of this
+    rank's stream (a safeguard: evaluation shards are not padded)."""
     net = eval_net.net
     net.set_train(False)
     totals = np.zeros(4, np.float64)
     steps = dataset.get_dataset_size()
     start = time.time()
     with pipeline_errors():
-        for i, (images, labels) in enumerate(dataset.create_tuple_iterator(num_epochs=1)):
+        for i, (images, labels) in enumerate(dataset.epoch()):
             totals = _add_batch(totals, eval_net(images).asnumpy(), labels.asnumpy().astype(np.int64), num_samples)
             if progress:
                 _progress(i + 1, steps, start)

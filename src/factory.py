@@ -3,6 +3,7 @@ optimizer and training step. One place, so the scripts hold no if/elif chains of
 import mindspore as ms
 from mindspore import nn, ops
 
+from src.adamw import AdamW
 from src.checkpoint import head_parameter_names
 from src.distributed import split_gradient_fusion
 from src.freezing import backbone_lr
@@ -20,7 +21,10 @@ def head_kwargs(cfg):
 
 
 def build_network(cfg):
-    return create_model(cfg.arch, cfg.head, cfg.num_classes, classifier=cfg.classifier, **head_kwargs(cfg))
+    """The configured network. It takes uint8 images (N, 3, S, S) on the 0-255 scale, as the data
+    pipelines deliver them, and normalises them with cfg.mean / cfg.std on the device, in float32."""
+    return create_model(cfg.arch, cfg.head, cfg.num_classes, classifier=cfg.classifier, mean=cfg.mean, std=cfg.std,
+                        **head_kwargs(cfg))
 
 
 class NetWithLoss(nn.Cell):
@@ -38,7 +42,7 @@ class NetWithLoss(nn.Cell):
 
 
 def param_groups(cfg, net, lr_per_step):
-    """Momentum groups: the classifier at classifier_lr_factor x lr (finetuning), and optionally
+    """Optimizer groups: the classifier at classifier_lr_factor x lr (finetuning), and optionally
     no weight decay on BatchNorm and biases. Every group carries its own per-step lr array."""
     prefix = getattr(net, "classifier_prefix", "fc.")
     # Only a staged run asks for the head: any Cell with trainable_params can be optimised otherwise.
@@ -53,15 +57,23 @@ def param_groups(cfg, net, lr_per_step):
     for (is_cls, no_decay, staged), params in sorted(groups.items()):
         factor = cfg.classifier_lr_factor if is_cls else 1.0
         lr = backbone_lr(cfg, lr_per_step) if staged else lr_per_step
-        out.append({"params": params, "weight_decay": 0.0 if no_decay else float(cfg.weight_decay),
+        decay = cfg.classifier_weight_decay if is_cls and cfg.classifier_weight_decay is not None else cfg.weight_decay
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else float(decay),
                     "lr": ms.Tensor(lr * factor, ms.float32)})
     return out
 
 
+# cfg.optimizer -> builder(groups, lr, cfg)
+OPTIMIZERS = {
+    "momentum": lambda groups, lr, cfg: nn.Momentum(groups, learning_rate=lr, momentum=float(cfg.momentum)),
+    "adamw": lambda groups, lr, cfg: AdamW(groups, learning_rate=lr),
+}
+
+
 def build_optimizer(cfg, net, lr_per_step):
-    """SGD with momentum (the one optimizer the schema offers) over ``param_groups``."""
+    """The configured optimizer (SGD with momentum, or PyTorch's AdamW: src/adamw.py) over ``param_groups``."""
     groups = param_groups(cfg, net, lr_per_step)
-    return nn.Momentum(groups, learning_rate=ms.Tensor(lr_per_step, ms.float32), momentum=float(cfg.momentum))
+    return OPTIMIZERS[cfg.optimizer](groups, ms.Tensor(lr_per_step, ms.float32), cfg)
 
 
 def build_train_step(cfg, net, optimizer):

@@ -1,4 +1,6 @@
-"""freeze_layers: the first N backbone stages are not trained (fast-MPN-COV's ``--freezed-layer``);
+"""freeze_layers: the first N backbone stages are not trained (fast-MPN-COV's ``--freezed-layer``, which
+counts the children of its ``features`` instead: conv1, bn1, relu, maxpool, layer1.. for a ResNet, single
+layers for a VGG; its 5 on a ResNet is freeze_layers=2 here, its 30 on VGG-16, all features, is 5);
 freeze_backbone_epochs: only the head (representation + classifier) is trained for the first N epochs.
 
 Stages, in order: for ResNets the stem (conv1, bn1) then layer1..layer4 (5 stages); for VGG the

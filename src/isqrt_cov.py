@@ -1,52 +1,30 @@
 """iSQRT-COV meta-layer (Li et al., CVPR 2018) as MindSpore Cells with hand-written backward passes.
 
-Pipeline: ``CovPool`` (B, C, H, W) -> (B, C, C); ``Sqrtm`` trace pre-normalisation, coupled
-Newton-Schulz iteration and post-compensation; ``TriuVec`` upper triangle -> (B, C(C+1)/2).
+Pipeline: ``CovPool`` (B, C, H, W) -> (B, C, C); a matrix square root (``sqrt_method``: by default
+``Sqrtm``, trace pre-normalisation, coupled Newton-Schulz iteration and post-compensation; the others
+in src/matrix_functions); ``TriuVec`` upper triangle -> (B, C(C+1)/2).
 
-Why explicit ``bprop``: the forwards return, besides their result, what their backward reads
-(the centred features; A, T_1 and, for every later step, Y_{k-1}, Z_{k-1}, T_k), so the backward
-performs only matrix products, 2 per forward product (24 for iter_num=5, after the forward's
-12: Z_0 = I is never multiplied), and never recomputes the iteration. The backward is the
-exact reverse of the forward, transposes included, so it is also correct for non-symmetric
-inputs and for iter_num=1 (both were bugs of the PyTorch reference).
-
-Speed on CPU (bench/meta_layer.py): the iteration runs on (-Y/2, Z) so that every T costs one
-add and no scalar multiply; backward gradients are kept transposed so that nearly all products
-are plain BatchMatMuls (transpose_b is ~10% slower); means, traces and inner products avoid
-MindSpore's slow multi-axis reductions and broadcast ops.
+Why explicit ``bprop``: the forwards return, besides their result, what their backward reads (the
+centred features for CovPool), so the backward performs only the products it needs and never
+recomputes the forward. ``Sqrtm``, ``InvSqrtm`` and ``num_products`` live in
+src/matrix_functions/newton_schulz.py with the other matrix functions and are importable from here.
 
 Every Cell computes in float32 and returns its input's dtype (mixed precision keeps the
 meta-layer in float32).
 """
 import numpy as np
-import mindspore as ms
 from mindspore import nn, ops, Tensor
 from mindspore.common.initializer import HeNormal
 
-# Added to the trace before dividing by it: an all-zero map (trace 0) then gives zeros and
-# finite gradients. Tiny enough not to bias small but genuine activations (trace ~1e-10).
-TRACE_EPS = 1e-20
-
-
-def num_products(iter_num):
-    """Matrix products (d x d x d) of the forward Newton-Schulz iteration: 1 + 3(N-2) + 2."""
-    return 1 if iter_num == 1 else 3 * iter_num - 3
-
-
-def _to_float32(x):
-    return x if x.dtype == ms.float32 else ops.cast(x, ms.float32)
-
-
-def _restore(y, dtype):
-    return y if dtype == ms.float32 else ops.cast(y, dtype)
+from src.matrix_functions import InvSqrtm, Sqrtm, get_sqrt_method, num_products  # noqa: F401 (re-exported)
+from src.matrix_functions.common import (TRACE_EPS, centred_covariance, check_feature_map,  # noqa: F401
+                                         check_square, covariance_backward, restore, to_float32)
 
 
 class _CovPoolFn(nn.Cell):
     """Sigma = X Ihat X^T with Ihat = (I - 11^T/M)/M, on float32 (B, C, H, W).
 
-    Returns (Sigma, centred X): the backward reuses the centred X instead of recomputing it.
-    The mean is a batched matrix-vector product (MindSpore's ReduceMean is several times slower
-    on CPU) and 1/M a scalar multiply (cheaper than Div)."""
+    Returns (Sigma, centred X): the backward reuses the centred X instead of recomputing it."""
 
     def __init__(self):
         super().__init__()
@@ -54,19 +32,10 @@ class _CovPoolFn(nn.Cell):
         self.mm = ops.BatchMatMul()
 
     def construct(self, x):
-        b, c, h, w = x.shape
-        m = h * w
-        xr = x.reshape(b, c, m)
-        ones = ops.broadcast_to(ops.ones((1, m, 1), ms.float32) * (1.0 / m), (b, m, 1))
-        xc = xr - self.mm(xr, ones)
-        return self.mm_tb(xc, xc) * (1.0 / m), xc
+        return centred_covariance(x, self.mm, self.mm_tb)
 
     def bprop(self, x, out, dout):
-        # dl/dX = (G + G^T) X Ihat, and X Ihat is the centred X divided by M.
-        b, c, h, w = x.shape
-        g = dout[0] + dout[0].transpose(0, 2, 1)
-        dx = self.mm(g, out[1]) * (1.0 / (h * w))
-        return (dx.reshape(b, c, h, w),)
+        return (covariance_backward(dout[0], out[1], x.shape, self.mm),)
 
 
 class CovPool(nn.Cell):
@@ -77,121 +46,8 @@ class CovPool(nn.Cell):
         self.fn = _CovPoolFn()
 
     def construct(self, x):
-        if x.ndim != 4:
-            raise ValueError(f"CovPool expects a (B, C, H, W) feature map, got shape {x.shape}")
-        return _restore(self.fn(_to_float32(x))[0], x.dtype)
-
-
-def _frobenius(u, v):
-    """Per-sample <u, v> = sum(u * v) as (B, 1, 1); a flat reduction (multi-axis ReduceSum is slow on CPU)."""
-    b = u.shape[0]
-    return (u * v).reshape(b, -1).sum(axis=1).reshape(b, 1, 1)
-
-
-class _NewtonSchulzFn(nn.Cell):
-    """Pre-normalisation, coupled Newton-Schulz iteration and post-compensation.
-
-    Computed on Yh = -Y/2 and Z: then T = (3I - ZY)/2 = 1.5I + Z Yh, Yh_k = Yh T, Z_k = T Z, and the
-    first step is Yh_1 = Ah T_1, Z_1 = T_1 = 1.5I + Ah with Ah = -A/2. Every step forms T with one
-    add and the backward needs no scalar multiplies; C = -2 sqrt(norm) Yh_N.
-
-    Returns (C, norm, Ah, T_1, [Yh_1, Z_1, T_2, Yh_2, Z_2, T_3, ...], Yh_N): the result first,
-    then what the backward reads (Yh_{k-1}, Z_{k-1}, T_k for every step k >= 2).
-    """
-
-    def __init__(self, iter_num, eps=TRACE_EPS):
-        super().__init__()
-        self.iter_num = iter_num
-        self.eps = eps
-        self.mm = ops.BatchMatMul()
-        self.mm_ta = ops.BatchMatMul(transpose_a=True)
-        self.mm_tb = ops.BatchMatMul(transpose_b=True)
-        self.mm_tatb = ops.BatchMatMul(transpose_a=True, transpose_b=True)
-        self.eye = ops.Eye()
-
-    def construct(self, a):
-        b, d, _ = a.shape
-        # A (B, d, d) identity: adding a broadcast (d, d) one is 3x slower on CPU.
-        eye15 = ops.broadcast_to(self.eye(d, d, ms.float32) * 1.5, (b, d, d))
-        norm = ops.diagonal(a, 0, 1, 2).sum(axis=1).reshape(b, 1, 1) + self.eps
-        ah = a * (-0.5 / norm)
-        t = ah + eye15
-        y = self.mm(ah, t)
-        z = t
-        saved = (ah, t)
-        for k in range(2, self.iter_num + 1):
-            t = self.mm(z, y) + eye15
-            saved = saved + (y, z, t)
-            if k < self.iter_num:
-                y, z = self.mm(y, t), self.mm(t, z)
-            else:
-                y = self.mm(y, t)
-        c = y * (-2.0 * ops.sqrt(norm))
-        return (c, norm) + saved + (y,)
-
-    def bprop(self, a, out, dout):
-        # Exact reverse mode of construct. Gradients named g* are held transposed (g = dl/dX^T):
-        # then every product of steps N-1..2 is a plain BatchMatMul, while D-form gradients would
-        # need transpose_b, which is about 10% slower on CPU. The first product switches to the
-        # transposed form and the last four switch back (dl/da is returned untransposed).
-        b, d, _ = a.shape
-        n = self.iter_num
-        dc = dout[0]
-        norm = out[1]
-        ah = out[2]
-        t1 = out[3]
-        sqrt_norm = ops.sqrt(norm)
-        # Post-compensation C = g Yh_N with g = -2 sqrt(norm): dg/dnorm = -1/sqrt(norm).
-        dy = dc * (-2.0 * sqrt_norm)
-        dnorm = -_frobenius(dc, out[-1]) / sqrt_norm
-        if n == 1:
-            # Yh_1 = Ah T_1, T_1 = 1.5I + Ah (Z_1 is not used).
-            d_ah = self.mm_tb(dy, t1) + self.mm_ta(ah, dy)
-        else:
-            # Reverse of steps N..2: T = 1.5I + Z Y, Y' = Y T, Z' = T Z with (Y, Z) = (Yh_{k-1}, Z_{k-1}):
-            # dT = Y^T dY' + dZ' Z^T, dY = dY' T^T + Z^T dT, dZ = T^T dZ' + dT Y^T (transpose these).
-            gy = None
-            gz = None
-            dz1 = None
-            for k in range(n, 1, -1):
-                base = 4 + 3 * (k - 2)
-                y = out[base]
-                z = out[base + 1]
-                t = out[base + 2]
-                if k == n:
-                    gt = self.mm_ta(dy, y)
-                    gy_prev = self.mm_tb(t, dy) + self.mm(gt, z)
-                else:
-                    gt = self.mm(gy, y) + self.mm(z, gz)
-                    gy_prev = self.mm(t, gy) + self.mm(gt, z)
-                if k > 2:
-                    gz = self.mm(y, gt) if k == n else self.mm(gz, t) + self.mm(y, gt)
-                else:
-                    dz1 = self.mm_tatb(gt, y) if k == n else self.mm_tatb(t, gz) + self.mm_tatb(gt, y)
-                gy = gy_prev
-            # Step 1: Yh_1 = Ah T_1, Z_1 = T_1, T_1 = 1.5I + Ah; dY_1 = gy^T.
-            d_ah = self.mm_tatb(gy, t1) + (self.mm_tatb(ah, gy) + dz1)
-        # Pre-normalisation Ah = -a / (2 norm), norm = tr(a) + eps: dAh/dnorm = -Ah / norm.
-        dnorm = dnorm - _frobenius(d_ah, ah) / norm
-        da = d_ah * (-0.5 / norm) + self.eye(d, d, ms.float32) * dnorm
-        return (da,)
-
-
-class Sqrtm(nn.Cell):
-    """Matrix square root of (B, d, d) SPD matrices by iSQRT: trace pre-normalisation,
-    ``iter_num`` coupled Newton-Schulz steps, post-compensation by sqrt(trace)."""
-
-    def __init__(self, iter_num=5, eps=TRACE_EPS):
-        super().__init__()
-        if int(iter_num) != iter_num or iter_num < 1:
-            raise ValueError(f"Sqrtm iter_num must be an integer >= 1, got {iter_num!r}")
-        self.iter_num = int(iter_num)
-        self.fn = _NewtonSchulzFn(self.iter_num, eps)
-
-    def construct(self, x):
-        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"Sqrtm expects square matrices (B, d, d), got shape {x.shape}")
-        return _restore(self.fn(_to_float32(x))[0], x.dtype)
+        check_feature_map("CovPool", x)
+        return restore(self.fn(to_float32(x))[0], x.dtype)
 
 
 def triu_indices_flat(d):
@@ -229,21 +85,25 @@ class TriuVec(nn.Cell):
         self.fn = _TriuVecFn()
 
     def construct(self, x):
-        if x.ndim != 3 or x.shape[-1] != x.shape[-2]:
-            raise ValueError(f"TriuVec expects square matrices (B, d, d), got shape {x.shape}")
-        return _restore(self.fn(_to_float32(x)), x.dtype)
+        check_square("TriuVec", x)
+        return restore(self.fn(to_float32(x)), x.dtype)
 
 
 class ISqrtCov(nn.Cell):
-    """The iSQRT-COV representation: [1x1 conv + BN + ReLU] -> CovPool -> Sqrtm -> TriuVec.
+    """The iSQRT-COV representation: [1x1 conv + BN + ReLU] -> CovPool -> square root -> TriuVec.
 
-    Parameter names (layer_reduce, layer_reduce_bn) are those of fast-MPN-COV's mpncovresnet, so
-    its checkpoints map one to one. ``output_dim`` is the length of the returned vector (or d*d
-    when ``is_vec`` is False).
+    ``sqrt_method`` (src/matrix_functions, SQRT_METHODS): "ns" (Newton-Schulz with ``iter_num`` steps,
+    the paper's), "mtp_lya", "mpa_lya" or "svd_pade" (these ignore ``iter_num``; svd_pade forms the
+    covariance itself, in float64). A method that cannot run on the current device raises
+    DeviceError here. Parameter names (layer_reduce, layer_reduce_bn) are those of fast-MPN-COV's
+    mpncovresnet, so its checkpoints map one to one, whatever the method. ``output_dim`` is the
+    length of the returned vector (or d*d when ``is_vec`` is False).
     """
 
-    def __init__(self, in_channels, dimension_reduction=256, iter_num=5, is_sqrt=True, is_vec=True):
+    def __init__(self, in_channels, dimension_reduction=256, iter_num=5, is_sqrt=True, is_vec=True,
+                 sqrt_method="ns"):
         super().__init__()
+        method = get_sqrt_method(sqrt_method) if is_sqrt else None
         self.reduce = bool(dimension_reduction)
         if self.reduce:
             self.layer_reduce = nn.Conv2d(in_channels, dimension_reduction, 1, has_bias=False,
@@ -256,29 +116,34 @@ class ISqrtCov(nn.Cell):
         self.dim = dim
         self.is_sqrt = is_sqrt
         self.is_vec = is_vec
-        self.cov = CovPool()
-        self.sqrtm = Sqrtm(iter_num) if is_sqrt else None
+        self.sqrt_method = sqrt_method
+        self.iter_num = iter_num
+        # A method that pools (svd_pade) takes the feature map; the others the float32 covariance.
+        self.pools = bool(method and method.pools)
+        self.cov = None if self.pools else CovPool()
+        self.sqrtm = method.build(iter_num) if method else None
+        self.forward_products = method.products(iter_num)[0] if method else 0
         self.triu = TriuVec() if is_vec else None
         self.output_dim = dim * (dim + 1) // 2 if is_vec else dim * dim
-        self.iter_num = iter_num
 
     def construct(self, x):
         if self.reduce:
             x = self.layer_reduce_relu(self.layer_reduce_bn(self.layer_reduce(x)))
         dtype = x.dtype
-        y = self.cov(_to_float32(x))
-        if self.is_sqrt:
-            y = self.sqrtm(y)
+        x = to_float32(x)
+        if self.pools:
+            y = self.sqrtm(x)
+        else:
+            y = self.cov(x)
+            if self.is_sqrt:
+                y = self.sqrtm(y)
         if self.is_vec:
             y = self.triu(y)
         else:
             y = y.reshape(y.shape[0], -1)
-        return _restore(y, dtype)
+        return restore(y, dtype)
 
     def matmul_flops(self, height, width):
-        """Multiply-adds of the covariance and the Newton-Schulz products for one image."""
-        m = height * width
-        macs = self.dim * self.dim * m
-        if self.is_sqrt:
-            macs += num_products(self.iter_num) * self.dim ** 3
-        return macs
+        """Multiply-adds of the covariance and the square root's forward matrix products for one image
+        (svd_pade: its eigendecomposition is not counted)."""
+        return self.dim * self.dim * height * width + self.forward_products * self.dim ** 3

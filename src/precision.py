@@ -18,7 +18,9 @@ At every level the network's ``representation`` (iSQRT-COV: 1x1 reduction conv, 
 CovPool, Sqrtm, TriuVec; GAP: the average) is flagged float32 as a whole, so its inputs are cast
 to float32 on entry and every product inside runs in float32; the classifier receives its output.
 A network without a ``representation`` Cell, or one whose representation is not float32 after
-the casts, is a bug and raises at build time.
+the casts, is a bug and raises at build time. The input normalisation (``input_norm``, an
+InputNormalize: uint8 images to (x - mean) / std) is kept float32 the same way at O2 and O3 (O1
+leaves it float32: it is no white-list cell).
 """
 import logging
 
@@ -26,6 +28,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from src.errors import ConfigError
+from src.models.preprocess import InputNormalize
 
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 _FLOAT16_ON_CPU_WARNED = []
@@ -132,9 +135,16 @@ def apply_precision(net, level):
         if twins:
             raise RuntimeError(f"O2 black-lists the representation by its class {type(rep).__name__}, which "
                                f"other cells use too: {', '.join(twins)}")
-        out = ms.amp.custom_mixed_precision(net, black_list=ms.amp.get_black_list() + [type(rep)])
+        out = ms.amp.custom_mixed_precision(net, black_list=ms.amp.get_black_list() + [type(rep), InputNormalize])
     else:
         out = ms.amp.auto_mixed_precision(net, "O3")
-        rep.to_float(ms.float32)
+        for cell in [rep] + _input_norms(net):
+            cell.to_float(ms.float32)
     check_float32(net, rep)
+    if level != "O1" and not all(_is_float32(c) for c in _input_norms(net)):
+        raise RuntimeError(f"the input normalisation is not in float32 after mixed precision {level}")
     return out
+
+
+def _input_norms(net):
+    return [c for _, c in net.cells_and_names() if isinstance(c, InputNormalize)]

@@ -1,8 +1,9 @@
 """predict.py's logic: classify image files with a checkpoint or an exported MINDIR.
 
 Images go through the evaluation ops (src/data/pipeline.py ``eval_ops``: decode, resize, centre
-crop, normalise, CHW) one by one, eagerly, so the probabilities are those eval.py's top-1 is
-computed from; they are then batched through the network. A file the pipeline's checks refuse or the
+crop, CHW) one by one, eagerly, so the probabilities are those eval.py's top-1 is computed from;
+they are then batched through the network. Input contract, checkpoint and MINDIR alike: uint8 RGB
+images (N, 3, S, S) on the 0-255 scale; the model normalises them with the run's mean/std itself. A file the pipeline's checks refuse or the
 decoder cannot read is skipped and listed. Settings: with no --config_path, the run's own
 config.yaml (beside the model file, or in its ckpt/ folder) is the YAML layer, so image size,
 normalisation and network match the training run; the command line still overrides it.
@@ -69,7 +70,7 @@ def _decoder_reason(exc):
 
 
 def preprocess(files, cfg):
-    """Yield (path, CHW float32 array) or (path, reason) for an unreadable file, in file order."""
+    """Yield (path, CHW uint8 array) or (path, reason) for an unreadable file, in file order."""
     from mindspore.dataset.transforms import Compose
     from src.data import eval_ops, image_problem
     ops = Compose(eval_ops(cfg))
@@ -85,7 +86,7 @@ def preprocess(files, cfg):
             yield path, reason
             continue
         try:
-            yield path, np.asarray(ops(np.frombuffer(data, np.uint8)), np.float32)
+            yield path, np.asarray(ops(np.frombuffer(data, np.uint8)), np.uint8)
         except RuntimeError as exc:
             yield path, _decoder_reason(exc)
 
@@ -111,9 +112,10 @@ class CheckpointModel:
 
 
 class MindirModel:
-    """An exported MINDIR (export.py: fixed input 1x3xSxS). Its input and output shapes are read from
-    the file so a wrong --image_size or class count is a one-line error; flip averaging, when the
-    config asks for it, averages the logits of each batch and its mirror image as EvalNet does."""
+    """An exported MINDIR (export.py: fixed input uint8 1x3xSxS). Its input shape and type and its
+    output shape are read from the file, so a wrong --image_size or class count, or a MINDIR exported
+    before the model took uint8 images, is a one-line error; flip averaging, when the config asks for
+    it, averages the logits of each batch and its mirror image as EvalNet does."""
 
     def __init__(self, cfg, path):
         import mindspore as ms
@@ -126,7 +128,10 @@ class MindirModel:
             self.net = nn.GraphCell(ms.load(path))
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"cannot load MINDIR '{path}' ({first_line(exc)})") from None
-        in_shape, out_shape = _mindir_shapes(path)
+        in_shape, out_shape, in_type = _mindir_shapes(path)
+        if in_type not in (None, "UINT8"):
+            raise CheckpointError(f"MINDIR '{path}' takes {in_type} input: it was exported before models took uint8 "
+                                  "images and normalised them themselves; export it again with export.py")
         side = int(cfg.image_size)
         if in_shape and list(in_shape[1:]) != [3, side, side]:
             raise CheckpointError(f"MINDIR '{path}' takes input {in_shape}, not N x 3 x {side} x {side}: "
@@ -148,15 +153,17 @@ class MindirModel:
 
 
 def _mindir_shapes(path):
-    """(input dims, output dims) recorded in a MINDIR file, or (None, None) if they cannot be read."""
+    """(input dims, output dims, input type name) recorded in a MINDIR file, or Nones if they cannot be read."""
     try:
         from mindspore.train import mind_ir_pb2
         model = mind_ir_pb2.ModelProto()
         with open(path, "rb") as f:
             model.ParseFromString(f.read())
-        return list(model.graph.input[0].tensor[0].dims), list(model.graph.output[0].tensor[0].dims)
+        tensor = model.graph.input[0].tensor[0]
+        return (list(tensor.dims), list(model.graph.output[0].tensor[0].dims),
+                mind_ir_pb2.TensorProto.DataType.Name(tensor.data_type))
     except Exception:  # a layout this version does not know: shapes are then checked at the first call
-        return None, None
+        return None, None, None
 
 
 def class_names(model, num_classes):

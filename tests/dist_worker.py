@@ -18,10 +18,12 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn  # noqa: E402
 
 from src.config import load_config  # noqa: E402
+from src.config_schema import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from src.data import create_dataset  # noqa: E402
 from src.distributed import exit_process, init_distributed  # noqa: E402
 from src.factory import build_optimizer, build_train_step  # noqa: E402
 from src.isqrt_cov import ISqrtCov  # noqa: E402
+from src.models.preprocess import InputNormalize  # noqa: E402
 from src.train_step import micro_batches  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -30,10 +32,12 @@ STEPS = 3
 
 class NoBNNet(nn.Cell):
     """features (two stages, as src.freezing.backbone_stages reads a VGG) -> representation ->
-    classifier: the layout src.distributed.split_gradient_fusion splits into three all-reduce groups."""
+    classifier: the layout src.distributed.split_gradient_fusion splits into three all-reduce groups.
+    Its input is uint8, as the pipeline delivers it to the project's networks: normalised first."""
 
-    def __init__(self, num_classes):
+    def __init__(self, num_classes, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
+        self.norm = InputNormalize(mean, std)
         self.features = nn.Cell()
         self.features.features = nn.SequentialCell([nn.Conv2d(3, 6, 3, has_bias=True), nn.ReLU(), nn.MaxPool2d(2, 2),
                                                     nn.Conv2d(6, 6, 3, has_bias=True), nn.ReLU()])
@@ -41,7 +45,7 @@ class NoBNNet(nn.Cell):
         self.classifier = nn.Dense(self.representation.output_dim, num_classes)
 
     def construct(self, x):
-        return self.classifier(self.representation(self.features.features(x)))
+        return self.classifier(self.representation(self.features.features(self.norm(x))))
 
 
 def main(data_path, out_dir, run_distribute, device_num, accumulation=1):
@@ -52,11 +56,11 @@ def main(data_path, out_dir, run_distribute, device_num, accumulation=1):
     dist = init_distributed(cfg)
     cfg.batch_size = GLOBAL_BATCH // dist.group_size // accumulation
     ms.set_seed(0)
-    net = NoBNNet(cfg.num_classes)
+    net = NoBNNet(cfg.num_classes, cfg.mean, cfg.std)
     data = create_dataset(os.path.join(data_path, "train"), cfg, training=False, num_shards=dist.group_size,
                           shard_id=dist.rank)
     step = build_train_step(cfg, net, build_optimizer(cfg, net, np.full(STEPS, 0.05, np.float32)))
-    for i, micro in enumerate(micro_batches(data.create_tuple_iterator(num_epochs=1), accumulation)):
+    for i, micro in enumerate(micro_batches(data.epoch(), accumulation)):
         if i == STEPS:
             break
         step.run(micro, ms.Tensor(0.0, ms.float32))

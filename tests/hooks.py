@@ -24,20 +24,17 @@ CHECKPOINT_DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
 
 
 class _NaNDataset:
-    """A training dataset whose batch number ``target`` of the run is multiplied by NaN."""
+    """The training pipeline (src.data.FolderPipeline), its batch number ``target`` of the run multiplied by NaN."""
 
-    def __init__(self, dataset, trainer, epoch, target, offset=0):
-        self.dataset, self.trainer, self.epoch, self.target, self.offset = dataset, trainer, epoch, target, offset
+    def __init__(self, pipeline, trainer, target):
+        self.pipeline, self.trainer, self.target = pipeline, trainer, target
 
     def __getattr__(self, name):
-        return getattr(self.dataset, name)
+        return getattr(self.pipeline, name)
 
-    def skip(self, count):
-        return _NaNDataset(self.dataset.skip(count), self.trainer, self.epoch, self.target, self.offset + count)
-
-    def create_tuple_iterator(self, *args, **kwargs):
-        first = self.epoch * self.trainer.steps_per_epoch * self.trainer.accumulation + self.offset
-        for i, (images, labels) in enumerate(self.dataset.create_tuple_iterator(*args, **kwargs)):
+    def epoch(self, epoch, first_batch=0, **kwargs):
+        first = epoch * self.trainer.steps_per_epoch * self.trainer.accumulation + first_batch
+        for i, (images, labels) in enumerate(self.pipeline.epoch(epoch, first_batch, **kwargs)):
             yield (images * float("nan") if first + i == self.target else images), labels
 
 
@@ -55,10 +52,10 @@ def install():
     if os.environ.get(INJECT_NAN_ENV):
         dataset = trainer._dataset
 
-        def _dataset(self, training, epoch=0):
-            ds = dataset(self, training, epoch)
+        def _dataset(self, training):
+            ds = dataset(self, training)
             target = _nan_target(self.dist.rank)
-            return _NaNDataset(ds, self, epoch, target) if training and target >= 0 else ds
+            return _NaNDataset(ds, self, target) if training and target >= 0 else ds
         trainer._dataset = _dataset
 
     if os.environ.get(DUMP_WEIGHTS_ENV):

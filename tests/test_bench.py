@@ -126,13 +126,18 @@ def test_step_overhead_tiny(tmp_path):
 
 
 def test_data_pipeline_tiny(tmp_path):
-    r = _run("data_pipeline.py", ["--images", "16", "--batch", "4", "--workers", "1", "--repeats", "1",
-                                  "--data_dir", str(tmp_path / "jpegs")], tmp_path)
+    r = _run("data_pipeline.py", ["--images", "16", "--batch", "4", "--workers", "1", "--repeats", "1", "--epochs", "1",
+                                  "--data_dir", str(tmp_path / "jpegs"), "--scan_files", "300",
+                                  "--scan_dir", str(tmp_path / "scan")], tmp_path)
     assert r["config"]["images"] == 16 and r["config"]["workers"] == [1]
-    for pipeline in ("project", "pillow"):
+    for pipeline in ("unprotected", "project", "per_read_check", "pillow"):
         e = r["pipelines"][pipeline]["1"]
         assert e["images_per_epoch"] == 16 and e["images_per_s"] > 0 and e["steady_images_per_s"] > 0
-    assert set(r["project_over_pillow"]) == {"1"}
+    assert set(r["over_unprotected"]) == {"project", "per_read_check", "pillow"}
+    assert r["check"]["files"] == 16 and r["check"]["fraction_of_one_epoch"]["1"] > 0
+    scan = r["scan"]
+    assert scan["files"] == 300 and scan["classes"] == 300 and scan["refused"] == 0
+    assert min(scan["scan_s"], scan["check_s"], scan["rebuild_per_epoch_before_s"], scan["order_per_epoch_s"]) > 0
     jpegs = [f for _, _, files in os.walk(tmp_path / "jpegs") for f in files]
     assert len(jpegs) == 16 and all(f.endswith(".jpg") for f in jpegs)
 
@@ -222,3 +227,18 @@ def test_heads_tiny(tmp_path):
     assert all(len(e["times_ms"]) == 1 and 0 < e["times_ms"][0] for e in cases.values())
     assert sum(e["times_ms"][0] for e in cases.values()) / 1e3 < wall  # timed inside the run
     assert set(r["cbp_fft_over_gram"]) == {"512_14"}
+
+
+def test_heads_tiny_dropcov_isice_and_memory(tmp_path):
+    """The DropCov (training path) and iSICE cases, with --memory's per-case child processes."""
+    r = _run("heads.py", ["--batch", "2", "--scale", "0.0625", "--repeats", "1", "--warmup", "0", "--memory",
+                          "--cases", "isqrt_cov_256_14,dropcov_256_14,isice_256_7"], tmp_path)
+    cases = r["cases"]
+    assert set(cases) == {"isqrt_cov_256_14", "dropcov_256_14", "isice_256_7"}
+    for e in cases.values():
+        assert e["finite"] and e["median_ms"] > 0 and e["output_dim"] == 16 * 17 // 2
+        assert 0 < e["peak_rss_mb"] < 4096
+    assert cases["dropcov_256_14"]["forward_matmul_gmac_per_batch"] == 2 * 16 * 16 * 196 / 1e9
+    # iSICE: the covariance and 5 inverses (7 Newton-Schulz steps, 18 products, and Z Z each) of 16 x 16.
+    assert cases["isice_256_7"]["forward_matmul_gmac_per_batch"] == pytest.approx(
+        2 * (16 * 16 * 49 + 5 * 19 * 16 ** 3) / 1e9)

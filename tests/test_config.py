@@ -93,7 +93,7 @@ def test_yaml_errors_name_key_and_file(tmp_path, text, pattern):
     (["--lr=abc"], r"command line: --lr expects a number, got 'abc'"),
     (["--hflip=yes"], r"--hflip expects True or False, got 'yes'"),
     (["--lr_milestones=1,x"], r"--lr_milestones expects a list of integers"),
-    (["--head=bilinear"], r"command line: key 'head' must be one of \['isqrt_cov', 'gap', 'bcnn', 'cbp'\]"),
+    (["--head=bilinear"], r"command line: key 'head' must be one of \['isqrt_cov', 'gap', 'bcnn', 'cbp', 'dropcov', 'isice'\]"),
     (["--batch_size"], r"--batch_size needs a value"),
     (["train.py"], r"unexpected argument 'train.py'"),
     (["--lr=null"], r"--lr expects a number, got 'null'"),

@@ -45,16 +45,18 @@ def np_cov(x):
     return xr @ ihat @ xr.transpose(0, 2, 1)
 
 
-def np_sqrtm(a, iter_num):
-    """Y0 = A/tr(A), Z0 = I, T = (3I - ZY)/2, Y <- YT, Z <- TZ (last step Y only), * sqrt(tr)."""
+def np_sqrtm(a, iter_num, inverse=False):
+    """Y0 = A/tr(A), Z0 = I, T = (3I - ZY)/2, Y <- YT, Z <- TZ; the last step computes Y only (then
+    Y_N sqrt(tr)) or, ``inverse``, Z only (then Z_N / sqrt(tr), iSICE's inverse square root)."""
     d = a.shape[-1]
     eye = np.eye(d)
     norm = np.trace(a, axis1=1, axis2=2)[:, None, None] + TRACE_EPS
     y, z = a / norm, np.broadcast_to(eye, a.shape)
     for k in range(1, iter_num + 1):
         t = (3 * eye - z @ y) / 2
-        y, z = y @ t, (t @ z if k < iter_num else None)
-    return y * np.sqrt(norm)
+        last = k == iter_num
+        y, z = (None if last and inverse else y @ t), (None if last and not inverse else t @ z)
+    return z / np.sqrt(norm) if inverse else y * np.sqrt(norm)
 
 
 def np_triu(a):
@@ -94,9 +96,10 @@ class PlainCovPool(nn.Cell):
 
 
 class PlainSqrtm(nn.Cell):
-    def __init__(self, iter_num):
+    def __init__(self, iter_num, inverse=False):
         super().__init__()
         self.iter_num = iter_num
+        self.inverse = inverse
 
     def construct(self, a):
         d = a.shape[-1]
@@ -106,11 +109,11 @@ class PlainSqrtm(nn.Cell):
         z = eye
         for k in range(1, self.iter_num + 1):
             t = (3.0 * eye - ops.matmul(z, y)) / 2.0
-            if k < self.iter_num:
-                y, z = ops.matmul(y, t), ops.matmul(t, z)
-            else:
+            if k < self.iter_num or not self.inverse:
                 y = ops.matmul(y, t)
-        return y * ops.sqrt(norm)
+            if k < self.iter_num or self.inverse:
+                z = ops.matmul(t, z)
+        return z / ops.sqrt(norm) if self.inverse else y * ops.sqrt(norm)
 
 
 class PlainTriuVec(nn.Cell):

@@ -1,10 +1,13 @@
 """MindSpore-native ImageNet weights for --pre_trained (issue 19 item 3): mindcv's ResNets (built
 from the installed mindcv 0.3.0) and the model zoo's official/cv/ResNet names."""
+import json
 import os
+import re
 
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn
 
 from src.checkpoint import load_pretrained
 from src.models import create_model
@@ -22,19 +25,21 @@ def _randomised(cell, seed):
     return cell
 
 
-def test_mindcv_resnet18_finetunes_through_train_py(tmp_path):
+@pytest.mark.parametrize("arch, loaded, trained_params", [("resnet18", 100, 60), ("resnet50", 265, 159)])
+def test_mindcv_resnet_finetunes_through_train_py(tmp_path, arch, loaded, trained_params):
+    """loaded: convolutions + BatchNorms' 4 tensors; trained_params: convolutions + gamma and beta."""
     import mindcv
-    src = _randomised(mindcv.models.create_model("resnet18", num_classes=1000), seed=3)
-    ckpt = str(tmp_path / "mindcv_resnet18.ckpt")
+    src = _randomised(mindcv.models.create_model(arch, num_classes=1000), seed=3)
+    ckpt = str(tmp_path / f"mindcv_{arch}.ckpt")
     ms.save_checkpoint(src, ckpt)
     assert detect_ms_layout([p.name for p in src.get_parameters()]) == "mindcv-resnet"
     theirs = {p.name: p.asnumpy() for p in src.get_parameters()}
     data = make_image_folder(str(tmp_path / "data"))
     out = str(tmp_path / "out")
-    proc = run_script("train.py", tiny_flags(data, out, pre_trained=ckpt, lr=0, epoch_size=1,
+    proc = run_script("train.py", tiny_flags(data, out, arch=arch, pre_trained=ckpt, lr=0, epoch_size=1,
                                              max_steps_per_epoch=1), cwd=tmp_path)
     line = next(x for x in proc.stdout.splitlines() if "initialised from" in x)
-    assert "(mindcv-resnet names): 100 parameters loaded; 7 left at initialisation" in line
+    assert f"(mindcv-resnet names): {loaded} parameters loaded; 7 left at initialisation" in line
     assert "fc.bias, fc.weight (another shape in the checkpoint)" in line  # 1000 ImageNet classes vs 3
     trained = ms.load_checkpoint(os.path.join(out, "ckpt", "epoch_001.ckpt"))
     checked = 0
@@ -44,52 +49,69 @@ def test_mindcv_resnet18_finetunes_through_train_py(tmp_path):
         ours = name.replace(".down_sample.", ".downsample.")  # written from mindcv's printed names
         np.testing.assert_array_equal(trained[ours].asnumpy(), value, err_msg=name)
         checked += 1
-    assert checked == 60  # 20 convolutions, 20 BatchNorms' gamma and beta
+    assert checked == trained_params
 
 
-def _zoo_resnet_names(blocks, bottleneck):
-    """(model zoo name, this project's name, shape) of official/cv/ResNet/src/resnet.py's resnet18
-    (ResidualBlockBase: bn1d/bn2d) or resnet50 (ResidualBlock: bn1-3), written from its published
-    structure: stages of in/out channels [64,64,128,256]/[64,128,256,512] (18) or
-    [64,256,512,1024]/[256,512,1024,2048] (50), strides 1,2,2,2, a down_sample_layer (1x1 conv, BN)
-    when the stride is not 1 or the channels change, end_point a Dense of 1001 classes."""
-    def bn(zoo, ours, c):
-        return [(f"{zoo}.{f}", f"{ours}.{f}", (c,)) for f in ("gamma", "beta", "moving_mean", "moving_variance")]
-    rows = [("conv1.weight", "conv1.weight", (64, 3, 7, 7))] + bn("bn1", "bn1", 64)
-    ins, outs = ([64, 256, 512, 1024], [256, 512, 1024, 2048]) if bottleneck else ([64, 64, 128, 256],
-                                                                                  [64, 128, 256, 512])
-    for s, (n, cin, cout) in enumerate(zip(blocks, ins, outs)):
-        for b in range(n):
-            p, c_in, stride = f"layer{s + 1}.{b}", (cin if b == 0 else cout), (1 if s == 0 or b else 2)
-            if bottleneck:
-                mid = cout // 4
-                rows += [(f"{p}.conv1.weight", f"{p}.conv1.weight", (mid, c_in, 1, 1))] + bn(f"{p}.bn1", f"{p}.bn1", mid)
-                rows += [(f"{p}.conv2.weight", f"{p}.conv2.weight", (mid, mid, 3, 3))] + bn(f"{p}.bn2", f"{p}.bn2", mid)
-                rows += [(f"{p}.conv3.weight", f"{p}.conv3.weight", (cout, mid, 1, 1))] + bn(f"{p}.bn3", f"{p}.bn3", cout)
-            else:
-                rows += [(f"{p}.conv1.weight", f"{p}.conv1.weight", (cout, c_in, 3, 3))] + bn(f"{p}.bn1d", f"{p}.bn1", cout)
-                rows += [(f"{p}.conv2.weight", f"{p}.conv2.weight", (cout, cout, 3, 3))] + bn(f"{p}.bn2d", f"{p}.bn2", cout)
-            if stride != 1 or c_in != cout:
-                rows += [(f"{p}.down_sample_layer.0.weight", f"{p}.downsample.0.weight", (cout, c_in, 1, 1))]
-                rows += bn(f"{p}.down_sample_layer.1", f"{p}.downsample.1", cout)
-    return rows + [("end_point.weight", "fc.weight", (1001, outs[-1])), ("end_point.bias", "fc.bias", (1001,))]
+class _ZooBlock(nn.Cell):
+    """A residual block with the cell names of the model zoo's ResidualBlockBase (``bn1d``/``bn2d``,
+    resnet18/34) or ResidualBlock (``bn1``-``bn3``, resnet50/101/152), in their order."""
+
+    def __init__(self, c_in, c_out, stride, bottleneck):
+        super().__init__()
+        if bottleneck:
+            mid = c_out // 4
+            self.conv1, self.bn1 = nn.Conv2d(c_in, mid, 1), nn.BatchNorm2d(mid)
+            self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride), nn.BatchNorm2d(mid)
+            self.conv3, self.bn3 = nn.Conv2d(mid, c_out, 1), nn.BatchNorm2d(c_out)
+        else:
+            self.conv1, self.bn1d = nn.Conv2d(c_in, c_out, 3, stride), nn.BatchNorm2d(c_out)
+            self.conv2, self.bn2d = nn.Conv2d(c_out, c_out, 3), nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.down_sample_layer = None
+        if stride != 1 or c_in != c_out:
+            self.down_sample_layer = nn.SequentialCell([nn.Conv2d(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out)])
+
+
+class ZooResNet(nn.Cell):
+    """The parameter tree of the model zoo's ``resnet18`` / ``resnet50`` (official/cv/ResNet/src/resnet.py):
+    conv1, bn1, layer1-4 of blocks, ``end_point`` a Dense of 1001 classes. Weights only (no construct):
+    it is what the zoo's training saves that matters here."""
+
+    def __init__(self, blocks, bottleneck):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2), nn.BatchNorm2d(64)
+        ins, outs = ([64, 256, 512, 1024], [256, 512, 1024, 2048]) if bottleneck else \
+            ([64, 64, 128, 256], [64, 128, 256, 512])
+        for s, (n, c_in, c_out) in enumerate(zip(blocks, ins, outs)):
+            layers = [_ZooBlock(c_in if b == 0 else c_out, c_out, 2 if s and not b else 1, bottleneck)
+                      for b in range(n)]
+            setattr(self, f"layer{s + 1}", nn.SequentialCell(layers))
+        self.end_point = nn.Dense(outs[-1], 1001)
+
+
+def _project_name(zoo_name):
+    """This project's name for a model zoo name, written from the two models' printed trees."""
+    return re.sub(r"\.bn([12])d\.", r".bn\1.", zoo_name.replace(".down_sample_layer.", ".downsample."))
 
 
 @pytest.mark.parametrize("arch, blocks, bottleneck", [("resnet18", [2, 2, 2, 2], False),
                                                      ("resnet50", [3, 4, 6, 3], True)])
-def test_model_zoo_resnet_names_load(tmp_path, arch, blocks, bottleneck):
-    rows = _zoo_resnet_names(blocks, bottleneck)
-    rng = np.random.default_rng(1)
-    values = {zoo: rng.normal(size=shape).astype(np.float32) for zoo, _, shape in rows}
+def test_model_zoo_resnet_cell_loads(tmp_path, arch, blocks, bottleneck):
+    zoo = _randomised(ZooResNet(blocks, bottleneck), seed=1)
+    names = [[p.name, list(p.shape)] for p in zoo.get_parameters()]
+    with open(os.path.join(os.path.dirname(__file__), "data", "modelzoo_resnet_names.json")) as f:
+        assert names == json.load(f)[arch]  # exactly the model zoo's names, shapes and order
+    values = {p.name: p.asnumpy() for p in zoo.get_parameters()}
     # as the model zoo's train.py saves it: the network plus Momentum's moments
-    items = [{"name": zoo, "data": ms.Tensor(v)} for zoo, v in values.items()]
-    items += [{"name": f"moments.{zoo}", "data": ms.Tensor(np.zeros_like(v))} for zoo, v in values.items()]
+    items = [{"name": n, "data": ms.Tensor(v)} for n, v in values.items()]
+    items += [{"name": f"moments.{n}", "data": ms.Tensor(np.zeros_like(v))} for n, v in values.items()]
     ckpt = str(tmp_path / f"zoo_{arch}.ckpt")
     ms.save_checkpoint(items, ckpt)
     net = create_model(arch, "isqrt_cov", 200, dimension_reduction=16)
     line = load_pretrained(net, ckpt)
-    assert "(modelzoo-resnet names)" in line and f"{len(rows) - 2} parameters loaded; 7 left" in line
+    backbone = [n for n in values if not n.startswith("end_point.")]
+    assert "(modelzoo-resnet names)" in line and f"{len(backbone)} parameters loaded; 7 left" in line
     ours = {p.name: p.asnumpy() for p in net.get_parameters()}
-    for zoo, name, _ in rows[:-2]:
-        np.testing.assert_array_equal(ours[name], values[zoo], err_msg=zoo)
-    assert len(ours) == len(rows) - 2 + len(HEAD)
+    for name in backbone:
+        np.testing.assert_array_equal(ours[_project_name(name)], values[name], err_msg=name)
+    assert len(ours) == len(backbone) + len(HEAD)

@@ -329,3 +329,20 @@ def test_float16_runs_stop_after_50_overflows_in_a_row_float32_at_the_first(dyna
     f32 = _bare_trainer(False, False)
     with pytest.raises(TrainingStopped, match="non-finite loss, gradients or BatchNorm statistics"):
         f32._check(ms.Tensor([1.0, 0.0, 1.0, 0.0]), 0, 0, [])
+
+
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_input_normalisation_stays_float32(level):
+    """build_network's networks take uint8 images and normalise them first: at every level that
+    cell computes in float32 (a float16 mean or std would be off by up to 1e-3 of a unit)."""
+    from src.config_schema import IMAGENET_MEAN, IMAGENET_STD
+    from src.models.preprocess import InputNormalize
+    net = create_model("resnet18", "gap", 3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    apply_precision(net, level)
+    norm = [c for _, c in net.cells_and_names() if isinstance(c, InputNormalize)]
+    assert len(norm) == 1 and not norm[0].get_flags().get("fp16")
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 5, 4), dtype=np.uint8)
+    out = norm[0](ms.Tensor(x)).asnumpy()
+    ref = (x - np.reshape(IMAGENET_MEAN, (1, 3, 1, 1))) / np.reshape(IMAGENET_STD, (1, 3, 1, 1))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

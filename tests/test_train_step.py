@@ -168,7 +168,8 @@ def test_train_py_counts_updates_stops_and_resumes_with_accumulation(tmp_path):
     have), logged and scheduled per update (the demo config's cosine lr); SIGTERM inside epoch 2 saves at an update, and the
     resumed run (which skips that many micro-batches) ends with the uninterrupted run's weights."""
     data = make_image_folder(str(tmp_path / "data"), train_per_class=8, val_per_class=1, size=24)
-    flags = dict(batch_size=3, grad_accumulation_steps=2, lr_base_batch=6, lr=0.05)
+    flags = dict(batch_size=3, grad_accumulation_steps=2, lr_base_batch=6, lr=0.05,
+                 train_transform="resize_center_crop", train_resize=32)  # a resumed run draws random crops afresh
     whole = _train(data, str(tmp_path / "whole"), tmp_path, **flags)
     log_whole = whole.communicate(timeout=600)[0]
     assert whole.returncode == 0, log_whole[-3000:]

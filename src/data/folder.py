@@ -6,6 +6,8 @@ label i means the same class on every machine and in every split.
 import itertools
 import os
 
+import numpy as np
+
 from src.errors import DataError
 
 # Extensions MindSpore's Decode reads. ImageFolderDataset matches extensions case-sensitively
@@ -71,17 +73,42 @@ def check_class_match(train_classes, val_classes, train_dir="train", val_dir="va
         parts.append(f"only in {train_dir}: {show(only_train)}")
     if only_val:
         parts.append(f"only in {val_dir}: {show(only_val)}")
-    raise DatasetError(f"train and val class folders differ ({'; '.join(parts)}); "
+    raise DatasetError(f"{train_dir} and {val_dir} class folders differ ({'; '.join(parts)}); "
                        f"both splits need the same class folders")
 
 
-def count_images(split_dir, classes):
-    """Number of image files per class (a full listing: slower than scan_image_folder)."""
-    out = {}
-    for c in classes:
-        with os.scandir(os.path.join(split_dir, c)) as it:
-            out[c] = sum(1 for e in it if e.is_file() and is_image_file(e.name))
-    return out
+def split_dir(cfg, key):
+    """<data_path>/<cfg[key]> for key "train_split" or "val_split"; DatasetError (one line, naming the
+    key) when that folder does not exist."""
+    path = os.path.join(cfg.data_path, str(cfg[key]))
+    if not os.path.isdir(path):
+        raise DatasetError(f"dataset folder not found: {path} ({key}={cfg[key]!r} under data_path "
+                           f"{cfg.data_path}; set --{key} to the folder's name)")
+    return path
+
+
+class FileList:
+    """The images of one split, listed once per run.
+
+    ``paths[i]`` and ``labels[i]`` (int32, the index of the sorted class folder) are sample i in
+    ImageFolderDataset's own order (classes sorted, then file names sorted within each class), which
+    the pipeline's samplers index. ``classes`` defaults to scan_image_folder(split_dir).
+    """
+
+    def __init__(self, split_dir, classes=None):
+        self.split_dir = split_dir
+        self.classes = list(classes) if classes is not None else scan_image_folder(split_dir)
+        paths, counts = [], []
+        for c in self.classes:
+            with os.scandir(os.path.join(split_dir, c)) as it:
+                names = sorted(e.path for e in it if e.is_file() and is_image_file(e.name))
+            paths.extend(names)
+            counts.append(len(names))
+        self.paths = paths
+        self.labels = np.repeat(np.arange(len(self.classes), dtype=np.int32), counts)
+
+    def __len__(self):
+        return len(self.paths)
 
 
 def unread_files(split_dir):

@@ -4,7 +4,8 @@ Sources (layouts in ``src.models.torch_layouts``, detected from the keys and nam
 torchvision ResNets and vgg16_bn; fast-MPN-COV's ``mpncovresnet50/101`` and ``mpncovvgg16_bn``;
 and what fast-MPN-COV's ``main.py`` saves, ``{'epoch', 'arch', 'state_dict', 'best_prec1',
 'optimizer'}`` with its Basemodel regrouping (features / representation / classifier), trained
-from scratch or finetuned, for MPNCOV, GAvP, BCNN and CBP representations. A bare state_dict or
+from scratch or finetuned, for MPNCOV, GAvP, BCNN and CBP representations; DropCov's ``resnet*_ACD``
+and iSICE's main.py models (SICE representation), whose keys follow the same layouts. A bare state_dict or
 one under 'state_dict', with or without DataParallel's 'module.'. BN fields weight/bias/
 running_mean/running_var become gamma/beta/moving_mean/moving_variance.
 
@@ -34,7 +35,7 @@ import re
 import numpy as np
 
 from src.errors import ConversionError, first_line, name_list
-from src.models.network import create_model
+from src.models.network import HEADS, create_model
 from src.models.resnet import RESNETS
 from src.models.torch_layouts import rename_state, strip_data_parallel
 
@@ -171,6 +172,8 @@ def _hints(arch, layout, source_names, source_arch, converted, expected, wrong, 
     lines = []
     if layout == "vgg" and "features.1.gamma" not in source_names:
         return ["  hint: the checkpoint's VGG has no batch normalisation; this project has vgg16_bn only"]
+    if any(n.startswith("eca_layer.") for n in source_names) and net.head != "dropcov":
+        lines.append("  hint: the checkpoint is DropCov's resnet*_ACD (eca_layer): pass --head dropcov")
     guess = infer_arch(source_names) if layout != "vgg" else "vgg16_bn"
     if source_arch:
         guess = _SOURCE_ARCHS.get(source_arch, source_arch) if guess is None else guess
@@ -183,7 +186,7 @@ def _hints(arch, layout, source_names, source_arch, converted, expected, wrong, 
     return lines
 
 
-def convert_state_dict(state, arch="resnet50", head="isqrt_cov", num_classes=1000, dimension_reduction=256,
+def convert_state_dict(state, arch="resnet50", head="isqrt_cov", num_classes=1000, dimension_reduction=None,
                        triu_order="row", drop_classifier=False, log=print, classifier=None, source_arch=None):
     """Map a PyTorch state_dict (name -> array) onto the MindSpore network built by create_model.
 
@@ -196,13 +199,15 @@ def convert_state_dict(state, arch="resnet50", head="isqrt_cov", num_classes=100
     if triu_order not in TRIU_ORDERS:
         raise ConversionError(f"triu_order must be one of {', '.join(TRIU_ORDERS)}, got {triu_order!r}")
     try:
-        layout, description, converted = rename_state(state)
+        layout, description, converted = rename_state(state, head)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
     converted = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in converted.items()}
     log(f"layout: {description}" + (f" (arch '{source_arch}')" if source_arch else ""))
     src_kind, src_first = _source_classifier(converted)
-    head_kwargs = {"dimension_reduction": dimension_reduction} if head == "isqrt_cov" else {}
+    declared = HEADS[head][1] if head in HEADS else {}
+    head_kwargs = ({"dimension_reduction": dimension_reduction}
+                   if dimension_reduction is not None and "dimension_reduction" in declared else {})
     try:
         net = create_model(arch, head, num_classes, classifier=classifier or src_kind or "auto", **head_kwargs)
     except ValueError as exc:
@@ -261,7 +266,7 @@ def save_ms_checkpoint(params, dst):
     ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in params.items()], dst)
 
 
-def convert_checkpoint(src, dst, arch="resnet50", head="isqrt_cov", num_classes=1000, dimension_reduction=256,
+def convert_checkpoint(src, dst, arch="resnet50", head="isqrt_cov", num_classes=1000, dimension_reduction=None,
                        triu_order="row", drop_classifier=False, log=print, classifier=None):
     """Read a .pth, convert it for create_model(arch, head, num_classes, classifier) and write a .ckpt.
 

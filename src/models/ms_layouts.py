@@ -9,9 +9,11 @@ tells which from the names alone):
 - "modelzoo-resnet": the MindSpore model zoo's ``official/cv/ResNet/src/resnet.py``: conv1, bn1,
   layer1-4, the shortcut ``down_sample_layer.0`` / ``.1``, basic blocks (resnet18/34) with their
   BNs named ``bn1d`` / ``bn2d``, bottlenecks (resnet50/101/152) with bn1/bn2/bn3, and ``end_point``
-  (Dense). Its resnet50/101 use pad_mode="same" for the 7x7 stem and the max pool (torchvision and
-  this project pad symmetrically), so its weights load exactly but features can differ slightly at
-  the borders; its resnet18/34 (``res_base``) pad as torchvision does.
+  (Dense). Its resnet50/101/152 use pad_mode="same" for the 7x7 stem, the max pool and the stride-2
+  3x3 convolutions (padding bottom/right only; torchvision and this project pad symmetrically) and
+  BatchNorm eps 1e-4, so its weights load exactly but features can differ slightly at the borders;
+  its resnet18/34 (``res_base``) pad as torchvision does. Names checked against that file at commit
+  eab643f (tests/data/modelzoo_resnet_names.json).
 
 Both already use MindSpore's BN field names (gamma/beta/moving_mean/moving_variance); only the
 cell names differ. The ImageNet classifier is renamed to ``fc`` so that a finetuning with the same

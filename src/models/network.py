@@ -18,7 +18,10 @@ from mindspore import nn
 from mindspore.common.initializer import Uniform
 
 from src.bilinear import BCNN, CBP
+from src.dropcov import DropCov
+from src.isice import ISICE
 from src.isqrt_cov import ISqrtCov
+from src.models.preprocess import InputNormalize
 from src.models.resnet import RESNETS, ResNetBackbone
 from src.models.vgg import MLPClassifier, vgg16_bn
 
@@ -65,9 +68,9 @@ class Classifier(nn.Cell):
         return self.fc(x)
 
 
-def _isqrt_cov(in_channels, iter_num=5, dimension_reduction=256, is_sqrt=True, is_vec=True):
+def _isqrt_cov(in_channels, iter_num=5, dimension_reduction=256, is_sqrt=True, is_vec=True, sqrt_method="ns"):
     return ISqrtCov(in_channels, dimension_reduction=dimension_reduction, iter_num=iter_num,
-                    is_sqrt=is_sqrt, is_vec=is_vec)
+                    is_sqrt=is_sqrt, is_vec=is_vec, sqrt_method=sqrt_method)
 
 
 def _gap(in_channels):
@@ -82,13 +85,30 @@ def _cbp(in_channels, proj_dim=8192, dimension_reduction=0, cbp_method="gram"):
     return CBP(in_channels, proj_dim=proj_dim, dimension_reduction=dimension_reduction, method=cbp_method)
 
 
+def _dropcov(in_channels, dimension_reduction=256, dropcov_eca_kernel=3, dropcov_rate_scale=10.0):
+    return DropCov(in_channels, dimension_reduction=dimension_reduction, eca_kernel=dropcov_eca_kernel,
+                   rate_scale=dropcov_rate_scale)
+
+
+def _isice(in_channels, dimension_reduction=256, isice_steps=5, isice_sparsity=0.01, isice_step_size=1.0,
+           isice_ns_iter=7):
+    return ISICE(in_channels, dimension_reduction=dimension_reduction, steps=isice_steps, sparsity=isice_sparsity,
+                 step_size=isice_step_size, ns_iter=isice_ns_iter)
+
+
 # head -> (representation builder, its keyword arguments with defaults, layer4 stride)
 HEADS = {
-    "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True}, 1),
+    "isqrt_cov": (_isqrt_cov, {"iter_num": 5, "dimension_reduction": 256, "is_sqrt": True, "is_vec": True,
+                               "sqrt_method": "ns"}, 1),
     "gap": (_gap, {}, 2),
     # fast-MPN-COV's BCNN and CBP: the backbone unchanged (layer4 at stride 2), no reduction.
     "bcnn": (_bcnn, {"dimension_reduction": 0}, 2),
     "cbp": (_cbp, {"proj_dim": 8192, "dimension_reduction": 0, "cbp_method": "gram"}, 2),
+    # DropCov's resnet*_ACD: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU (src/dropcov.py).
+    "dropcov": (_dropcov, {"dimension_reduction": 256, "dropcov_eca_kernel": 3, "dropcov_rate_scale": 10.0}, 1),
+    # iSICE's main.py: torchvision backbones unchanged (layer4 at stride 2), 1x1 conv to 256 (src/isice.py).
+    "isice": (_isice, {"dimension_reduction": 256, "isice_steps": 5, "isice_sparsity": 0.01, "isice_step_size": 1.0,
+                       "isice_ns_iter": 7}, 2),
 }
 
 
@@ -103,10 +123,13 @@ class ClassificationNet(nn.Cell):
     Attributes: ``arch``, ``head``, ``num_classes``, ``classifier_kind`` ("linear" or "mlp");
     ``classifier_prefix`` ("fc." or "classifier.") is the name prefix of the classifier's parameters
     (its own learning rate in finetuning, or skipped when loading weights for another number of
-    classes)."""
+    classes). ``input_norm``: an InputNormalize the images pass first (build_network's networks take
+    uint8 images), or None for inputs normalised already."""
 
-    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear"):
+    def __init__(self, features, representation, num_classes, arch="", head="", classifier="linear",
+                 input_norm=None):
         super().__init__(auto_prefix=False)
+        self.input_norm = input_norm if input_norm is not None else nn.Identity()
         self.features = features
         self.representation = representation
         self.classifier = CLASSIFIERS[classifier](representation.output_dim, num_classes)
@@ -117,7 +140,7 @@ class ClassificationNet(nn.Cell):
         self.num_classes = num_classes
 
     def forward_features(self, x):
-        return self.features(x)
+        return self.features(self.input_norm(x))
 
     def forward_head(self, f):
         return self.classifier(self.representation(f))
@@ -140,18 +163,29 @@ def resolve_classifier(arch, head, classifier="auto"):
     return "mlp" if head in ARCHS[arch].mlp_heads else "linear"
 
 
-def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
+def create_model(arch, head, num_classes, classifier="auto", mean=None, std=None, **head_kwargs):
     """Build ``arch`` (resnet18/34/50/101/152, vgg16_bn) with ``head`` (a HEADS key) and a
     ``classifier`` ("auto", "linear" or "mlp", see resolve_classifier).
 
     head_kwargs of "isqrt_cov": iter_num (5), dimension_reduction (256; 0/None keeps the backbone
-    channels), is_sqrt (True), is_vec (True). "gap" takes none. "bcnn": dimension_reduction (0).
+    channels), is_sqrt (True), is_vec (True), sqrt_method ("ns", "mtp_lya", "mpa_lya", "svd_pade":
+    src/matrix_functions). "gap" takes none. "bcnn": dimension_reduction (0).
     "cbp": proj_dim (8192), dimension_reduction (0), cbp_method ("gram" or "fft": the same result,
     src/bilinear.py). The "isqrt_cov" ResNet is
     fast-MPN-COV's mpncovresnet: layer4 at stride 1, 1x1 conv to 256 + BN + ReLU, CovPool,
     Newton-Schulz square root, upper triangle, FC; "vgg16_bn" + "isqrt_cov" is its mpncovvgg16_bn
     (VGG-16-BN features without the last max-pool, the same head, classifier 32896 -> 4096 ->
-    4096 -> classes). Unknown names raise ValueError listing the valid ones.
+    4096 -> classes). "dropcov" (src/dropcov.py): dimension_reduction (256), dropcov_eca_kernel (3),
+    dropcov_rate_scale (10); DropCov's resnet*_ACD, layer4 at stride 1, ECA and adaptive channel
+    dropout in training only, covariance, upper triangle, FC. "isice" (src/isice.py):
+    dimension_reduction (256), isice_steps (5), isice_sparsity (0.01), isice_step_size (1.0),
+    isice_ns_iter (7); iSICE's main.py networks, backbone unchanged (layer4 at stride 2). Both take one
+    linear classifier on every backbone (their authors' finetuned VGG has one). The config keys of
+    the same names (src/config_schema.py) reach them through src.factory.head_kwargs; iter_num stays
+    iSQRT-COV's (iSICE's inverse square roots have their own count, isice_ns_iter).
+    ``mean``/``std`` (0-255 scale): the network takes 0-255 images (uint8) and normalises them first
+    (InputNormalize); None: it takes normalised float images. Unknown names raise ValueError listing
+    the valid ones.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {_choices(ARCHS)}")
@@ -167,4 +201,6 @@ def create_model(arch, head, num_classes, classifier="auto", **head_kwargs):
     kind = resolve_classifier(arch, head, classifier)
     features = ARCHS[arch].build(last_stride=last_stride)
     representation = build(features.out_channels, **{**defaults, **head_kwargs})
-    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind)
+    norm = InputNormalize(mean, std) if mean is not None or std is not None else None
+    return ClassificationNet(features, representation, int(num_classes), arch=arch, head=head, classifier=kind,
+                             input_norm=norm)

@@ -16,6 +16,18 @@ the keys alone):
   ``representation.conv_dr_block.0/.1`` for the reduction, and a ``classifier`` that is either
   nn.Sequential (classifier.0/3/6, our "mlp") or one nn.Linear (``classifier.weight``, our fc).
 
+Two later GCP codebases save the same layouts (the keys alone cannot tell them apart, so the
+description names the source by the target head):
+
+- DropCov (mingzeG/DropCov, ``CNNs/models/ResNet_ACD.py``): ``resnet*_ACD`` is a "resnet" layout
+  with layer4 at stride 1, ``layer_reduce`` / ``layer_reduce_bn``, ``eca_layer.conv`` (Conv1d
+  weight (1, 1, 3)) and ``fc``; its main.py wraps the whole model in DataParallel (``module.``).
+- iSICE (csiro-robotics/iSICE, ``main.py`` / ``model_init.py`` / ``src/network/base.py``): fast-MPN-COV's
+  Basemodel, so "basemodel-resnet" (torchvision ResNet children in ``features``, layer4 at stride 2)
+  or "vgg" (``features[:-1]``), the SICE representation's reduction in
+  ``representation.conv_dr_block.0/.1`` and one nn.Linear ``classifier`` (finetuned with
+  ``--pretrained``, as its scripts do; VGG's 4096-4096 MLP otherwise).
+
 DataParallel adds ``module.``: in front of every key (DataParallel / DistributedDataParallel on
 the whole model) or after ``features.`` (``main.py`` wraps only ``model.features``); both are
 removed. BatchNorm modules are recognised by their ``running_mean`` entry, whatever their name,
@@ -75,17 +87,29 @@ def _rename_vgg(name):
 _RENAME = {"resnet": lambda n: n, "basemodel-resnet": _rename_basemodel_resnet, "vgg": _rename_vgg}
 
 
-def describe_layout(layout, names):
+# Basemodel (main.py) checkpoints read into these heads come from these authors' code, not fast-MPN-COV's.
+_MAIN_PY_SOURCE = {"isice": "iSICE main.py {} + SICE (reduction conv in representation.conv_dr_block)"}
+
+
+def describe_layout(layout, names, head=None):
     """One line for the user: the layout, where its reduction sits, its classifier. ``names``:
-    the (DataParallel-stripped) state_dict, {torch key: array}."""
+    the (DataParallel-stripped) state_dict, {torch key: array}; ``head``: the target head, which
+    names the source of a Basemodel layout several codebases share (see the module docstring)."""
+    source = _MAIN_PY_SOURCE.get(head)
+    reduced = any(n.startswith("representation.conv_dr_block.") for n in names)
     if layout == "resnet":
-        base = ("fast-MPN-COV mpncovresnet" if any(n.startswith("layer_reduce.") for n in names)
-                else "torchvision ResNet")
+        if any(n.startswith("eca_layer.") for n in names):
+            base = "DropCov resnet*_ACD (layer_reduce, eca_layer.conv)"
+        else:
+            base = ("fast-MPN-COV mpncovresnet" if any(n.startswith("layer_reduce.") for n in names)
+                    else "torchvision ResNet")
     elif layout == "basemodel-resnet":
-        if any(n.startswith("features.8.") for n in names):
+        if source and reduced:
+            base = source.format("ResNet")
+        elif any(n.startswith("features.8.") for n in names):
             base = ("fast-MPN-COV main.py ResNet finetuned from the published weights (--pretrained: "
                     "reduction conv in features.8/9)")
-        elif any(n.startswith("representation.conv_dr_block.") for n in names):
+        elif reduced:
             base = "fast-MPN-COV main.py ResNet trained from scratch (reduction conv in representation.conv_dr_block)"
         else:
             base = "fast-MPN-COV main.py ResNet without reduction conv (GAvP, BCNN, CBP or MPNCOV without one)"
@@ -93,7 +117,9 @@ def describe_layout(layout, names):
         first = names.get("classifier.0.weight")
         if first is not None and first.shape[-1] == 512 * 7 * 7:  # after torchvision's 7x7 adaptive pool
             base = "torchvision vgg16_bn"
-        elif any(n.startswith("representation.conv_dr_block.") for n in names):
+        elif source and reduced:
+            base = source.format("VGG")
+        elif reduced:
             base = "fast-MPN-COV mpncovvgg16_bn / VGG + MPNCOV (reduction conv in representation.conv_dr_block)"
         else:
             base = "fast-MPN-COV main.py VGG without reduction conv (GAvP, BCNN, CBP or MPNCOV without one)"
@@ -111,9 +137,9 @@ def bn_modules(names):
     return {n[:-len(".running_mean")] for n in names if n.endswith(".running_mean")}
 
 
-def rename_state(state):
-    """{torch key: array} -> (layout, description, {MindSpore name: array}). Raises ValueError on
-    keys of no known layout."""
+def rename_state(state, head=None):
+    """{torch key: array} -> (layout, description, {MindSpore name: array}); ``head`` (the target's)
+    only words the description. Raises ValueError on keys of no known layout."""
     state = {strip_data_parallel(k): v for k, v in state.items()}
     layout = detect_layout(state)
     if layout is None:
@@ -128,4 +154,4 @@ def rename_state(state):
         if module in bns and field in _BN_FIELDS:
             name = f"{module}.{_BN_FIELDS[field]}"
         out[_RENAME[layout](name)] = value
-    return layout, describe_layout(layout, state), out
+    return layout, describe_layout(layout, state, head), out
