@@ -65,6 +65,14 @@ def _sgd_update(opt, mul_no_nan, coef, lr, momentum, decay, use_decay, grad, wei
     return opt(weight, moment, lr, g, momentum)
 
 
+_scale = ops.MultitypeFuncGraph("scale")
+
+
+@_scale.register("Function", "Tensor", "Tensor")
+def _scale_grad(mul_no_nan, coef, grad):
+    return mul_no_nan(grad, ops.cast(coef, grad.dtype))
+
+
 _add = ops.MultitypeFuncGraph("add")
 
 
@@ -130,10 +138,14 @@ class TrainStep(nn.Cell):
         self.network = net_with_loss
         self.optimizer = optimizer  # its Parameters: moments, lr arrays, momentum, global_step
         self.weights = optimizer.parameters
-        self.moments = optimizer.moments
-        self.momentum = optimizer.momentum
         self.global_step = optimizer.global_step
-        groups = _update_groups(optimizer)
+        # nn.Momentum's update is performed here; another optimizer (src/adamw.py) is called with the
+        # cleaned gradients and ``keep``, and must leave its state unchanged when keep is 0.
+        self.sgd = isinstance(optimizer, nn.Momentum)
+        groups = _update_groups(optimizer) if self.sgd else []
+        if self.sgd:
+            self.moments = optimizer.moments
+            self.momentum = optimizer.momentum
         self.bounds = tuple((a, b) for a, b, _, _ in groups)
         self.group_lr = ms.ParameterTuple([lr for _, _, lr, _ in groups])
         self.group_decay = tuple(ms.Tensor(wd, ms.float32) for _, _, _, wd in groups)
@@ -197,7 +209,11 @@ class TrainStep(nn.Cell):
         if self.scale_update is not None:
             overflow = self.scale_update(self.scale_sense, overflow)
         keep = ops.cast(ops.logical_not(overflow), ms.float32)
-        loss = ops.depend(loss, self._update(grads, coef * keep, keep))
+        if self.sgd:
+            loss = ops.depend(loss, self._update(grads, coef * keep, keep))
+        else:
+            clean = self.hyper_map(ops.partial(_scale, self.mul_no_nan, coef * keep), grads)
+            loss = ops.depend(loss, self.optimizer(clean, keep))
         poisoned = ops.logical_and(ops.logical_not(stats_ok), self.stats_finite > 0)
         backup = ops.assign(self.stats_backup, ops.select(stats_ok, flat, self.stats_backup))
         loss = ops.depend(loss, backup)
