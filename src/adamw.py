@@ -10,6 +10,9 @@ these betas) and ``nn.Adam``'s weight decay is an L2 term added to g (coupled), 
 It takes the project's parameter groups (``src.factory.param_groups``: per-group per-step lr arrays
 and weight decays); ``global_step`` indexes the lr arrays (skipped steps advance it, as the lr
 schedule counts them), while ``adamw_step`` counts applied updates, as PyTorch's ``step`` does.
+``construct(gradients, keep)``: src/train_step.py calls it every step, without a branch, with
+``keep`` 0 on a skipped step (gradients then 0): lr 0 and both moment factors 1 leave every weight
+and moment as it was.
 State in checkpoints: ``adam_m.*``, ``adam_v.*``, ``adamw_step``.
 """
 import mindspore as ms
@@ -21,10 +24,9 @@ EPS = 1e-8
 _update = ops.MultitypeFuncGraph("adamw_update")
 
 
-@_update.register("Tensor", "Tensor", "Tensor", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
-def _update_param(c1, sqrt_c2, lr, wd, param, m, v, grad):
-    """One parameter; c1 = 1 - b1^t, sqrt_c2 = sqrt(1 - b2^t)."""
-    b1, b2 = BETAS
+@_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
+def _update_param(c1, sqrt_c2, b1, b2, lr, wd, param, m, v, grad):
+    """One parameter; c1 = 1 - b1^t, sqrt_c2 = sqrt(1 - b2^t); b1, b2 = 1 on a skipped step."""
     grad = ops.cast(grad, ms.float32)
     next_m = m * b1 + grad * (1 - b1)
     next_v = v * b2 + ops.square(grad) * (1 - b2)
@@ -50,16 +52,20 @@ class AdamW(nn.Optimizer):
         self.decoupled = tuple(float(w) for w in decay) if self.is_group else (float(decay),) * len(self._parameters)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, gradients):
+    def construct(self, gradients, keep):
         lr = self.get_lr()
         self.assignadd(self.global_step, self.global_step_increase_tensor)
-        t = self.adamw_step + 1.0
-        c1 = 1.0 - ops.pow(self.beta1, t)
-        sqrt_c2 = ops.sqrt(1.0 - ops.pow(self.beta2, t))
+        t = self.adamw_step + keep
+        tc = ops.maximum(t, 1.0)  # a skipped first step: lr 0, and no 0 / 0 in the bias correction
+        c1 = 1.0 - ops.pow(self.beta1, tc)
+        sqrt_c2 = ops.sqrt(1.0 - ops.pow(self.beta2, tc))
+        b1 = self.beta1 * keep + (1.0 - keep)
+        b2 = self.beta2 * keep + (1.0 - keep)
         t = ops.depend(t, ops.assign(self.adamw_step, t))
         c1 = ops.depend(c1, t)
         if self.is_group_lr:
-            return self.hyper_map(ops.partial(_update, c1, sqrt_c2), lr, self.decoupled, self._parameters,
+            lr = tuple(x * keep for x in lr)
+            return self.hyper_map(ops.partial(_update, c1, sqrt_c2, b1, b2), lr, self.decoupled, self._parameters,
                                   self.moments, self.moments2, gradients)
-        return self.hyper_map(ops.partial(_update, c1, sqrt_c2, lr), self.decoupled, self._parameters,
-                              self.moments, self.moments2, gradients)
+        return self.hyper_map(ops.partial(_update, c1, sqrt_c2, b1, b2, lr * keep), self.decoupled,
+                              self._parameters, self.moments, self.moments2, gradients)

@@ -116,7 +116,7 @@ def _is_training_state(name):
     return (name.startswith(("moments.", "accum.", "learning_rate", "momentum", "global_step", "adam_m.", "adam_v.",
                              "adamw_step",
                              "scale_sense", "current_iterator_step", "last_overflow_iterator_step",
-                             "epoch_num", "step_num", "loss_scale"))
+                             "epoch_num", "step_num", "loss_scale", CACHE_PREFIX))
             or name in ("global_step", "learning_rate", "momentum"))
 
 
