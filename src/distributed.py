@@ -126,7 +126,7 @@ def _probe():
 
 def _unavailable(device_target, exc):
     return DeviceError(f"device_target {device_target} is not available here ({first_line(exc)}). Use "
-                       "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up from README.md")
+                       "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up of docs/gpu.md")
 
 
 def _free_port():

@@ -172,7 +172,7 @@ def test_an_unavailable_device_gives_one_clear_error(monkeypatch):
         distributed.set_device("GPU", 1)
     assert chosen == [("GPU", 1)]
     assert str(err.value) == ("device_target GPU is not available here (Unsupported device target GPU.). Use "
-                              "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up from README.md")
+                              "--device_target=CPU, or install the CUDA 11.6 + cuDNN 8 set-up of docs/gpu.md")
     monkeypatch.setattr(distributed, "_probe", lambda: None)  # a device that answers: no error
     distributed.set_device("GPU", 0)
     assert chosen[-1] == ("GPU", 0)
