@@ -353,6 +353,7 @@ def main(argv=None):
 
     import mindspore as ms
     from PIL import __version__ as pil_version
+    from src.run_env import cpu_info
     result = {
         "config": {"images": len(files), "image_width": 500, "image_height": 375, "jpeg_quality": 90,
                    "mean_file_kb": float(np.mean(sizes) / 1024), "classes": args.classes, "batch": args.batch,
@@ -360,7 +361,7 @@ def main(argv=None):
                    "source": "sklearn.datasets.load_sample_images (china.jpg, flower.jpg), varied crops",
                    "transforms": "decode, random resized crop (0.08-1, 3/4-4/3), flip 0.5, CHW, uint8 batch",
                    "mindspore": ms.__version__, "pillow": pil_version, "python": platform.python_version(),
-                   "cpu_count": os.cpu_count()},
+                   "cpu": cpu_info()},
         "pipelines": results,
         "check": {"files": len(files), "seconds": check_s, "us_per_file": 1e6 * check_s / len(files)},
         "scan": scan,

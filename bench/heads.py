@@ -44,6 +44,7 @@ from src.bilinear import BCNN, CBP  # noqa: E402
 from src.dropcov import DropCov  # noqa: E402
 from src.isice import ISICE  # noqa: E402
 from src.isqrt_cov import ISqrtCov  # noqa: E402
+from src.run_env import cpu_info  # noqa: E402
 from src.models.network import GlobalAvgPool  # noqa: E402
 from meta_layer import FwdBwd  # noqa: E402
 from ms_execution import MultiThreadExecution, tail_cost  # noqa: E402
@@ -154,7 +155,7 @@ def main(argv=None):
         "config": {"batch": args.batch, "proj_dim": proj_dim, "scale": args.scale, "repeats": args.repeats,
                    "warmup": args.warmup, "threads": args.threads, "mode": "GRAPH_MODE", "train_mode": True,
                    "mindspore": ms.__version__, "python": platform.python_version(),
-                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+                   "cpu": cpu_info()},
         "cases": {},
         "multi_thread_tail_ms": tail_cost() * 1e3,
     }

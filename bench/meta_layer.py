@@ -37,6 +37,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
 
 from src.isqrt_cov import ISqrtCov, TRACE_EPS, num_products, triu_indices_flat  # noqa: E402
+from src.run_env import cpu_info  # noqa: E402
 from ms_execution import MultiThreadExecution, tail_cost  # noqa: E402
 from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
@@ -246,7 +247,7 @@ def main(argv=None):
                    "warmup": args.warmup, "threads": args.threads, "mode": "GRAPH_MODE",
                    "mindspore": ms.__version__, "torch": torch.__version__,
                    "python": platform.python_version(),
-                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+                   "cpu": cpu_info()},
         "products": {"forward": fwd_p, "backward": bwd_p},
         "gflop_per_step": flop / 1e9,
         "matmul": {"shape": [b, d, d], "chained_products": chain_k, "median_ms": mm_med * 1e3,

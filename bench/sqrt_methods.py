@@ -32,6 +32,7 @@ for p in (ROOT, HERE):
 import mindspore as ms  # noqa: E402
 from mindspore import nn, Tensor  # noqa: E402
 
+from src.run_env import cpu_info  # noqa: E402
 from src.isqrt_cov import CovPool, ISqrtCov  # noqa: E402
 from src.matrix_functions import SQRT_METHODS  # noqa: E402
 from meta_layer import FwdBwd, MatMulChain  # noqa: E402
@@ -40,22 +41,6 @@ from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 CHAIN = 12  # chained products measuring the BatchMatMul rate (as bench/meta_layer.py)
 PAPER_CLAIM = "MPA-Lya about 3x faster than Newton-Schulz (ICLR 2022: 3.25 ms vs 10.38 ms, 64x48x48, GPU)"
-
-
-def cpu_info():
-    """CPU model and whether it has AVX-512 (the flags of /proc/cpuinfo), for the record."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "cpu_count": os.cpu_count()}
 
 
 class _Recorder:

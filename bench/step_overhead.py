@@ -46,7 +46,8 @@ for p in (ROOT, HERE):
 import mindspore as ms  # noqa: E402
 from mindspore import nn, Tensor  # noqa: E402
 
-from timing import SETTLE_S, cpu_name, first_calls, time_round_robin  # noqa: E402
+from src.run_env import cpu_info  # noqa: E402
+from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 VARIANTS = ("plain_o0", "plain_o2", "mindspore_ls_o2", "step_o0", "step_o0_dynamic", "step_o2_fixed",
             "step_o2_dynamic")
@@ -205,7 +206,7 @@ def main(argv=None):
     result = {"config": {"arch": args.arch, "head": "isqrt_cov", "batch": args.batch, "image_size": args.image_size,
                          "num_classes": args.num_classes, "repeats": args.repeats, "warmup": args.warmup,
                          "baseline": args.baseline, "mindspore": ms.__version__, "python": platform.python_version(),
-                         "machine": cpu_name(), "cpu_count": os.cpu_count()}}
+                         "cpu": cpu_info()}}
     if not args.no_count:
         result["kernels"] = kernel_counts(names, args, child_argv)
     if not args.no_time:

@@ -1,5 +1,4 @@
 """Timing shared by the benchmarks: first calls (compilation), then round-robin rounds."""
-import platform
 import time
 
 SETTLE_S = 0.3  # default idle before each timed call (see time_round_robin)
@@ -36,15 +35,3 @@ def time_round_robin(runners, warmup, repeats, settle=SETTLE_S):
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
-
-
-def cpu_name():
-    """The CPU's model name (/proc/cpuinfo), which the JSON records beside the times."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

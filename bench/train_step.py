@@ -31,7 +31,7 @@ for p in (ROOT, HERE):
 import mindspore as ms  # noqa: E402
 from mindspore import nn, ops, Tensor  # noqa: E402
 from ms_execution import MultiThreadExecution, tail_cost  # noqa: E402
-from src.run_env import cpu_model  # noqa: E402
+from src.run_env import cpu_info  # noqa: E402
 from timing import SETTLE_S, first_calls, time_round_robin  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "config", "resnet50_imagenet2012_config.yaml")
@@ -329,7 +329,7 @@ def main(argv=None):
                    "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "mode": "GRAPH_MODE",
                    "config_file": os.path.relpath(args.config, ROOT), "mindspore": ms.__version__,
                    "torch": torch.__version__ if torch is not None else None,
-                   "python": platform.python_version(), "machine": cpu_model(), "cpu_count": os.cpu_count()},
+                   "python": platform.python_version(), "cpu": cpu_info()},
         "matmul": mm,
         # The MindSpore part graphs and the matmul carry ms_execution's tail (run on the actor threads
         # as inside a network); this is what the tail alone costs. The whole steps do not carry it.
@@ -387,7 +387,7 @@ def main(argv=None):
 def _print(result, med, args):
     c = result["config"]
     print(f"\nTraining step, batch {c['batch']}, {c['image_size']}x{c['image_size']}, {c['num_classes']} classes, "
-          f"{c['threads']} threads, median of {c['steps']} steps ({c['machine']})")
+          f"{c['threads']} threads, median of {c['steps']} steps ({c['cpu']['model']})")
     print(f"{'network':<22} {'framework':<10} {'s/step':>7} {'img/s':>7} {'GFLOP/img':>9} {'GFLOP/s':>8} "
           f"{'x matmul':>8}")
     for name, e in result["networks"].items():

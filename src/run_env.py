@@ -12,16 +12,29 @@ from src.run_log import write_json
 FILE = "environment.json"
 
 
-def cpu_model():
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+def cpu_info():
+    """The CPU's model name and whether it has AVX-512 / AVX2 (/proc/cpuinfo), and the CPU count:
+    MindSpore's CPU kernels are 2-3x slower relative to PyTorch's without AVX-512, so every
+    benchmark records them beside its times."""
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                if flags and key.strip() == "flags":
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return {"model": model, "avx512f": "avx512f" in flags, "avx2": "avx2" in flags, "cpu_count": os.cpu_count()}
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    return cpu_info()["model"]
 
 
 def _memory_gb():

@@ -11,7 +11,6 @@ from bench.peers.torch_resnet import randomize_
 from src.dropcov import adaptive_rate
 from src.models import count_params, create_model
 from src.models.convert import convert_checkpoint
-from tests import fast_mpn_cov_models as fm
 from tests import gcp_torch_models as gm
 from tests.test_convert import _run_script
 from tests.test_convert_fast_mpn_cov import _assert_parity, _logits, _torch_count, _x

@@ -44,7 +44,7 @@ def test_table_of_a_finished_run(tmp_path):
     best = max(rows, key=lambda r: r["val_top1"])
     assert table["Accuracy"].startswith(f"top-1 {100 * best['val_top1']:.2f}%, top-5 {100 * best['val_top5']:.2f}%")
     assert table["Speed"].startswith(f"{6000 / rows[1]['images_per_sec']:.0f} ms/step (1 device)")
-    assert table["Total time"].endswith(f"s in training steps; the rest: start-up, compilation, evaluation)")
+    assert table["Total time"].endswith("s in training steps; the rest: start-up, compilation, evaluation)")
     best_ckpt = os.path.join(run, "ckpt", "best.ckpt")
     weights = ms.load_checkpoint(best_ckpt)
     trained = sum(int(np.prod(v.shape)) for k, v in weights.items()

@@ -24,7 +24,7 @@ import numpy as np
 
 from src.errors import DataError, first_line
 
-from .folder import FileList, is_image_file
+from .folder import FileList
 
 # Pillow format names that MindSpore's Decode reads (MPO is a camera JPEG).
 MINDSPORE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF")
