@@ -6,11 +6,11 @@ Design choices that matter for week-long runs on many devices:
   src.ranks.Ranks or the all-reduced control vector of the training step, never a file to wait
   for: no rank leaves the loop, skips a step or stops alone.
 - No per-step host synchronisation. The step returns device tensors; the loop reads the previous
-  step's 3-value control vector while the current step runs (the device queue never drains), a
+  step's control vector while the current step runs (the device queue never drains), a
   loss only at log intervals, and the epoch's losses once at its end.
-- The data is listed and its files checked once per run (the check split among the ranks); each
-  split's pipeline lives for the whole run and reads epoch e in the order seeded by cfg.seed + e, so
-  a resumed run reads the same images in the same order and skips the steps already done unread.
+- The data is listed and its files checked once per run (src/data/run_data.py); each split's
+  pipeline lives for the whole run and reads epoch e in the order seeded by cfg.seed + e, so a
+  resumed run reads the same images in the same order and skips the steps already done unread.
 - Resume restores weights, momentum, loss scale, epoch and step; the learning-rate schedule is
   always rebuilt from the current config (so epoch_size can be extended).
 """
@@ -23,11 +23,8 @@ import mindspore as ms
 
 from src.checkpoint import CheckpointManager, all_finite, load_pretrained, load_train_state
 from src.config import save_config
-from src.data import (FileList, FolderPipeline, bad_image_lines, check_class_match, check_lists, data_workers,
-                      describe_unread_files, pipeline_errors, prepare_digits, scan_image_folder, split_dir,
-                      split_verdicts)
-from src.data.bad_images import BadImageMonitor
-from src.data.demo import maybe_prepare_demo
+from src.data import pipeline_errors
+from src.data.run_data import RunData
 from src.distributed import init_distributed, local_rank_count
 from src.errors import CheckpointError, DataError, TrainingStopped
 from src.evaluate import EvalNet, evaluate
@@ -61,6 +58,7 @@ class Trainer:
         self._overflows = 0  # consecutive overflowing steps
         self.accumulation = cfg.grad_accumulation_steps  # micro-batches per update; steps count updates
         self.global_batch = cfg.batch_size * self.dist.group_size * self.accumulation  # images per update
+        self.data = RunData(cfg, self.dist, self.ranks, self.log, local_rank_count())
         ms.set_seed(cfg.seed)
 
     # ----------------------------------------------------------------- set-up (agreed by all ranks)
@@ -68,52 +66,9 @@ class Trainer:
         """Work rank 0 does alone (writing files), followed by an agreement that it succeeded."""
         return self.ranks.agree(what, fn if self.dist.is_main else lambda: None)
 
-    def _prepare_data(self):
-        cfg = self.cfg
-        made = self._on_main("writing the demo dataset", lambda: maybe_prepare_demo(cfg))
-        if cfg.demo_dataset and self.ranks.broadcast(made is not None) and not self.dist.is_main:
-            prepare_digits(cfg.data_path)  # returns at once where rank 0's files are visible
-        self.ranks.agree("reading the dataset folders", self._scan_folders)
-        self._check_images()
-        self._pipelines = {}
-
-    def _scan_folders(self):
-        """List the splits once per run (train_split, and val_split when that folder exists)."""
-        cfg = self.cfg
-        self.train_dir = split_dir(cfg, "train_split")
-        self.val_dir = os.path.join(cfg.data_path, cfg.val_split)
-        self.classes = scan_image_folder(self.train_dir)
-        self.has_val = os.path.isdir(self.val_dir)
-        self.files = {True: FileList(self.train_dir, self.classes)}
-        if self.has_val:
-            check_class_match(self.classes, scan_image_folder(self.val_dir), cfg.train_split, cfg.val_split)
-            self.files[False] = FileList(self.val_dir, self.classes)
-        else:
-            self.log.warning(f"no {self.val_dir} (val_split={cfg.val_split!r}): training without evaluation")
-
-    def _check_images(self):
-        """Check every file once for the run (src.data.bad_images), each rank a share; the sum over
-        ranks gives every rank every verdict. bad_image_mode=error stops here, naming a file."""
-        lists, part, t0 = list(self.files.values()), (self.dist.rank, self.dist.group_size), time.time()
-        codes = self.ranks.agree("checking the image files", lambda: check_lists(lists, part))
-        self.bad = dict(zip(self.files, split_verdicts(lists, self.ranks.sum(codes))))
-        for training, files in self.files.items():
-            for line in bad_image_lines(files, self.bad[training], self.cfg.bad_image_mode):
-                self.log.warning(line)
-        self.bad_images = BadImageMonitor(len(self.bad[True]))
-        local = local_rank_count()
-        self.log.info(f"data: {' and '.join(f'{len(f)} images in {f.split_dir}' for f in lists)}, checked in "
-                      f"{time.time() - t0:.1f} s; {local} process(es) on this machine, "
-                      f"{data_workers(self.cfg.num_parallel_workers, local)} pipeline worker(s) each")
-
     def _dataset(self, training):
-        """The split's pipeline, built on first use and kept for the run (src.data.FolderPipeline)."""
-        if training not in self._pipelines:
-            cfg = self.cfg
-            self._pipelines[training] = FolderPipeline(
-                self.files[training], cfg, training, self.bad[training], self.dist.group_size, self.dist.rank,
-                cfg.seed, local_rank_count(), cfg.max_steps_per_epoch * self.accumulation if training else 0)
-        return self._pipelines[training]
+        """The split's pipeline (one seam, which tests/hooks.py wraps to inject faults)."""
+        return self.data.pipeline(training)
 
     def _build(self):
         cfg = self.cfg
@@ -124,7 +79,7 @@ class Trainer:
             self.log.info(freeze_layers(self.net, cfg.freeze_layers))
         size = self._dataset(True).get_dataset_size() // self.accumulation
         if size == 0:
-            raise DataError(f"{self.train_dir} has fewer images per device than batch_size={cfg.batch_size} x "
+            raise DataError(f"{self.data.train_dir} has fewer images per device than batch_size={cfg.batch_size} x "
                             f"grad_accumulation_steps={self.accumulation}: lower --batch_size")
         self.steps_per_epoch = min(size, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch > 0 else size
         self.lr = create_lr_schedule(cfg, self.steps_per_epoch)
@@ -155,7 +110,7 @@ class Trainer:
     def fit(self):
         """Train to cfg.epoch_size; returns the exit code (0, or 128 + signal when stopped by one)."""
         cfg = self.cfg
-        self._prepare_data()
+        self.data.prepare()
         self.ranks.agree("building the network", self._build)
         start_epoch, start_step = 0, 0
         if cfg.resume_ckpt:
@@ -167,7 +122,7 @@ class Trainer:
             self.log.info(f"resumed from {cfg.resume_ckpt} at epoch {start_epoch + 1} step {start_step}")
         self._on_main("writing the run's configuration", self._save_run_files)
         n_params = sum(int(np.prod(p.shape)) for p in self.net.trainable_params())
-        self.log.info(f"{cfg.arch} {cfg.head}: {n_params:,} parameters, {len(self.classes)} classes, "
+        self.log.info(f"{cfg.arch} {cfg.head}: {n_params:,} parameters, {len(self.data.classes)} classes, "
                       f"{self.steps_per_epoch} steps/epoch x {cfg.epoch_size} epochs, "
                       f"{self.dist.group_size} device(s) x batch {cfg.batch_size}")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -186,13 +141,12 @@ class Trainer:
 
     def _save_run_files(self):
         save_config(self.cfg, os.path.join(self.ckpt.dir, "config.yaml"))
-        self.ckpt.write_json("class_names.json", self.classes)
+        self.ckpt.write_json("class_names.json", self.data.classes)
         record_environment(self.ckpt.dir, self.cfg, self.dist.group_size)  # for scripts/model_description.py
         for path in self.ckpt.removed_temporaries:
             self.log.info(f"removed {path}, left by a process killed while writing")
-        for split in [self.train_dir] + ([self.val_dir] if self.has_val else []):
-            for line in describe_unread_files(split):  # files of formats the decoder cannot read, named once
-                self.log.warning(line)
+        for line in self.data.unread_file_lines():
+            self.log.warning(line)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
@@ -303,14 +257,14 @@ class Trainer:
                "lr": float(self.lr[min((epoch + 1) * spe - 1, len(self.lr) - 1)]), "epoch_time": epoch_time,
                "images_per_sec": steps * self.global_batch / max(epoch_time, 1e-9)}
         top1 = None
-        if self.has_val and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epoch_size):
+        if self.data.has_val and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epoch_size):
             m = evaluate(self.eval_net, self._dataset(False), self.ranks,
                          num_samples=self._dataset(False).num_samples)
             top1 = m["top1"]
             row.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
             self.log.info(f"epoch {epoch + 1}: val top-1 {100 * m['top1']:.2f}% top-5 {100 * m['top5']:.2f}% "
                           f"loss {m['loss']:.4f} ({m['num_images']} images)")
-        for line in self.bad_images.epoch_lines(epoch + 1, cfg.bad_image_mode):
+        for line in self.data.bad_images.epoch_lines(epoch + 1, cfg.bad_image_mode):
             self.log.warning(line)
         improved = top1 is not None and top1 > self.best_top1
         if improved:
@@ -320,7 +274,7 @@ class Trainer:
     def _save_epoch(self, epoch, top1, improved, row):
         if self._finite_weights():
             meta = self._meta(epoch, self.steps_per_epoch, top1)
-            if improved or not self.has_val:  # no val set: best = last
+            if improved or not self.data.has_val:  # no val set: best = last
                 self.ckpt.save_best(self.net, meta)
             self.ckpt.save_latest(self.train_step.training_state(), meta)
             if self.cfg.save_every_epochs > 0 and (epoch + 1) % self.cfg.save_every_epochs == 0:
