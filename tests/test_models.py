@@ -28,12 +28,13 @@ def test_output_shapes(arch, head):
     x = _input(batch, size)
     f = net.forward_features(x)
     channels = {"resnet18": 512, "resnet34": 512, "vgg16_bn": 512}.get(arch, 2048)
-    # ResNet layer4 keeps stride 1 for iSQRT-COV (/16), 2 for GAP, B-CNN and CBP (/32, as fast-MPN-COV);
-    # VGG drops its last pool for every head (/16)
-    side = size // 16 if head == "isqrt_cov" or arch == "vgg16_bn" else size // 32
+    # ResNet layer4 keeps stride 1 for iSQRT-COV and DropCov (/16), 2 for GAP, B-CNN, CBP (as fast-MPN-COV)
+    # and iSICE (as its authors' torchvision backbones) (/32); VGG drops its last pool for every head (/16)
+    side = size // 16 if head in ("isqrt_cov", "dropcov") or arch == "vgg16_bn" else size // 32
     assert f.shape == (batch, channels, side, side) and net.features.out_channels == channels
     rep = net.representation(f)
-    expected_dim = {"isqrt_cov": 256 * 257 // 2, "gap": channels, "bcnn": channels * channels, "cbp": 8192}[head]
+    expected_dim = {"isqrt_cov": 256 * 257 // 2, "gap": channels, "bcnn": channels * channels, "cbp": 8192,
+                    "dropcov": 256 * 257 // 2, "isice": 256 * 257 // 2}[head]
     assert net.representation.output_dim == expected_dim
     assert rep.shape == (batch, expected_dim)
     logits = net(x)
