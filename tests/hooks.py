@@ -11,6 +11,8 @@ variable and patches the project from outside before train.main runs.
   write of a big one would.
 - ISQRT_COV_CHECKPOINT_DELAY=S: every checkpoint write waits S seconds between writing the temporary
   file and renaming it, so a test can kill the process at that moment.
+- ISQRT_COV_LOG_DELAY=S: the loop sleeps S seconds after each step line it logs, so that a signal a
+  test sends on reading that line arrives before the epoch's last step, however busy the machine.
 """
 import os
 import sys
@@ -21,6 +23,7 @@ INJECT_NAN_ENV = "ISQRT_COV_INJECT_NAN_STEP"
 DUMP_WEIGHTS_ENV = "ISQRT_COV_DUMP_WEIGHTS"
 RANK0_DELAY_ENV = "ISQRT_COV_RANK0_DELAY"
 CHECKPOINT_DELAY_ENV = "ISQRT_COV_CHECKPOINT_DELAY"
+LOG_DELAY_ENV = "ISQRT_COV_LOG_DELAY"
 
 
 class _NaNDataset:
@@ -86,6 +89,14 @@ def install():
             if delay:
                 time.sleep(float(delay))
         trainer._save_epoch = _save_epoch
+
+    if os.environ.get(LOG_DELAY_ENV):
+        log_step = trainer._log_step
+
+        def _log_step(self, *args):
+            log_step(self, *args)
+            time.sleep(float(os.environ[LOG_DELAY_ENV]))
+        trainer._log_step = _log_step
 
     if os.environ.get(CHECKPOINT_DELAY_ENV):
         atomic_write = checkpoint.atomic_write

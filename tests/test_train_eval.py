@@ -115,11 +115,13 @@ def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):
         "map. Exporting MaxPool3DWithArgmax operator is not yet supported.); MINDIR is supported")
 
     from src.checkpoint import load_network
+    from src.config import load_config
     from src.models import create_model
-    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16)
+    demo = load_config([])  # tiny_flags' config file: the run's mean and std, which the model applies to uint8 input
+    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16, mean=demo.mean, std=demo.std)
     load_network(net, os.path.join(out, "ckpt", "best.ckpt"))
     net.set_train(False)
-    x = ms.Tensor(np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    x = ms.Tensor(np.random.default_rng(0).integers(0, 256, size=(1, 3, 32, 32)).astype(np.uint8))
     exported = ms.nn.GraphCell(ms.load(mindir))
     np.testing.assert_allclose(exported(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
 
@@ -156,10 +158,12 @@ def test_eval_and_export_use_the_config_saved_with_the_checkpoint(data, tmp_path
     assert f"config: {saved}" in ex.stdout
     mindir = os.path.join(run, "resnet18_isqrt_cov.mindir")
     from src.checkpoint import load_network
+    from src.config import load_config
     from src.models import create_model
-    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16)
+    demo = load_config([])  # tiny_flags' config file: the run's mean and std, which the model applies
+    net = create_model("resnet18", "isqrt_cov", 3, dimension_reduction=16, mean=demo.mean, std=demo.std)
     load_network(net, best_ckpt)
     net.set_train(False)
-    x = ms.Tensor(np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32))
+    x = ms.Tensor(np.random.default_rng(1).integers(0, 256, size=(1, 3, 32, 32)).astype(np.uint8))
     np.testing.assert_allclose(ms.nn.GraphCell(ms.load(mindir))(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
     assert os.listdir(elsewhere) == []  # nothing written in the working folder

@@ -17,7 +17,7 @@ from src.isqrt_cov import ISqrtCov
 from src.models import create_model
 from src.schedules import create_lr_schedule
 from src.train_step import TrainStep
-from tests.helpers import ENV, ROOT, make_image_folder, stop_when_logged, tiny_flags
+from tests.helpers import ENV, HOOKED_TRAIN, ROOT, make_image_folder, stop_when_logged, tiny_flags
 
 
 def _fc(net):
@@ -158,9 +158,11 @@ def test_the_lr_follows_the_total_batch_of_an_update():
     np.testing.assert_array_equal(create_lr_schedule(a, 3), create_lr_schedule(b, 3))
 
 
-def _train(data, out, tmp_path, **kw):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + tiny_flags(data, out, **kw),
-                            cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _train(data, out, tmp_path, log_delay="", **kw):
+    # log_delay (tests/hooks.py): a SIGTERM sent on reading a step's line lands before the epoch ends
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, HOOKED_TRAIN)] + tiny_flags(data, out, **kw),
+                            cwd=str(tmp_path), env=dict(ENV, ISQRT_COV_LOG_DELAY=log_delay), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def test_train_py_counts_updates_stops_and_resumes_with_accumulation(tmp_path):
@@ -181,7 +183,7 @@ def test_train_py_counts_updates_stops_and_resumes_with_accumulation(tmp_path):
     np.testing.assert_allclose([float(lr) for _, _, lr in steps], expected, atol=1e-6)
 
     out = str(tmp_path / "stopped")
-    proc = _train(data, out, tmp_path, **flags)
+    proc = _train(data, out, tmp_path, log_delay="1", **flags)
     log = stop_when_logged(proc, "epoch 2/2 step 1/4")
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     latest = os.path.join(out, "ckpt", "latest.ckpt")
