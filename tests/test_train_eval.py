@@ -1,6 +1,7 @@
 """End to end: train.py then eval.py as subprocesses on a tiny folder; resume after SIGTERM."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,15 +18,22 @@ def data(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")))
 
 
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One 2-epoch run shared by the tests that only read it (or copy it before changing it)."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    run_script("train.py", tiny_flags(data, out), cwd=os.path.dirname(out))
+    return out
+
+
 def _weights(path):
     params = ms.load_checkpoint(path)
     return {k: v.asnumpy() for k, v in params.items() if not k.startswith(("moments.", "learning_rate"))
             and hasattr(v, "asnumpy") and v.asnumpy().size > 1}
 
 
-def test_train_then_eval_writes_everything(data, tmp_path):
-    out = str(tmp_path / "out")
-    run_script("train.py", tiny_flags(data, out), cwd=tmp_path)
+def test_train_then_eval_writes_everything(data, trained, tmp_path):
+    out = trained
     ckpt = os.path.join(out, "ckpt")
     for name in ("latest.ckpt", "best.ckpt", "epoch_002.ckpt", "config.yaml", "class_names.json"):
         assert os.path.isfile(os.path.join(ckpt, name)), name
@@ -102,9 +110,9 @@ def test_resume_with_a_longer_or_shorter_epoch_size(data, tmp_path):
     assert "has finished epoch 3 and epoch_size is 2: nothing to train" in shorter.stdout
 
 
-def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):
+def test_export_mindir_gives_the_checkpoint_logits(data, trained, tmp_path):
     out = str(tmp_path / "out")
-    run_script("train.py", tiny_flags(data, out, epoch_size=1), cwd=tmp_path)
+    shutil.copytree(trained, out)
     run_script("export.py", tiny_flags(data, out), cwd=tmp_path)
     mindir = os.path.join(out, "resnet18_isqrt_cov.mindir")
     assert os.path.isfile(mindir)
@@ -126,11 +134,11 @@ def test_export_mindir_gives_the_checkpoint_logits(data, tmp_path):
     np.testing.assert_allclose(exported(x).asnumpy(), net(x).asnumpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_eval_and_export_use_the_config_saved_with_the_checkpoint(data, tmp_path):
+def test_eval_and_export_use_the_config_saved_with_the_checkpoint(data, trained, tmp_path):
     """eval.py / export.py given only the checkpoint (and the data) rebuild the run's network from
     RUN/ckpt/config.yaml and reproduce its best top-1; launch keys are not inherited; flags win."""
     run = str(tmp_path / "run")
-    run_script("train.py", tiny_flags(data, run, max_steps_per_epoch=3), cwd=tmp_path)
+    shutil.copytree(trained, run)
     saved = os.path.join(run, "ckpt", "config.yaml")
     # As if the run had been launched by mpirun on 8 GPUs (device_target kept: this machine has no GPU).
     text = open(saved).read()
